@@ -1,0 +1,195 @@
+"""Meta-learning algorithms as small functions of a parameter dict and tasks.
+
+Every algorithm offers the same three operations, which is all the engine calls:
+
+    init_params()                -> Params                 the meta-parameters to learn
+    outer_grad(params, tasks)    -> (Params, Metrics)      SUM over the tasks of the outer gradient
+    evaluate(params, task, steps)-> Metrics                adapt on the support set, score on the query set
+
+Nothing here knows about Ray, tracking or the outer optimiser: the driver averages the sums and
+applies the meta-update. `params` maps names to tensors; the model object is only a function
+(`torch.func.functional_call`), so no module is ever cloned per task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from platform.config import RunConfig
+from platform.tasks import Task
+
+Params = dict[str, torch.Tensor]
+Metrics = dict[str, float]
+
+INNER_LR = "inner_lr."  # Meta-SGD: prefix of the learned per-parameter inner learning rates
+
+
+def _sub(params: Params, prefix: str) -> Params:
+    return {k[len(prefix) :]: v for k, v in params.items() if k.startswith(prefix)}
+
+
+def _score(outputs: torch.Tensor, targets: torch.Tensor, classification: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, accuracy); accuracy is 0 for regression."""
+    if classification:
+        return F.cross_entropy(outputs, targets), (outputs.argmax(-1) == targets).float().mean()
+    return F.mse_loss(outputs, targets), torch.zeros(())
+
+
+def _leaves(params: Params) -> Params:
+    """Fresh autograd leaves with the same values: what the outer gradient is taken against."""
+    return {k: v.detach().requires_grad_() for k, v in params.items()}
+
+
+def _sum_over_tasks(params: Params, tasks: list[Task], task_grad) -> tuple[Params, Metrics]:
+    """Sum `task_grad(leaves, task) -> (grads, loss, accuracy)` over tasks, in order."""
+    params = _leaves(params)
+    total = {k: torch.zeros_like(v) for k, v in params.items()}
+    loss_sum = acc_sum = 0.0
+    for task in tasks:
+        grads, loss, acc = task_grad(params, task)
+        for k, g in grads.items():
+            if g is not None:  # a Meta-SGD rate of an unused parameter
+                total[k] += g
+        loss_sum, acc_sum = loss_sum + loss.item(), acc_sum + acc.item()
+    return total, {"loss": loss_sum, "accuracy": acc_sum, "tasks": len(tasks)}
+
+
+@dataclass(frozen=True, eq=False)
+class GradientMetaLearner:
+    """MAML (second or first order), ANIL (`head_only`) and Meta-SGD (`learn_inner_lr`).
+
+    The inner loop is plain gradient descent on the support loss. With `head_only` the body is not
+    adapted, so its features are computed once per task and only the head runs in the inner loop.
+    """
+
+    model: nn.Module
+    inner_lr: float
+    inner_steps: int
+    first_order: bool
+    classification: bool
+    head_only: bool = False
+    learn_inner_lr: bool = False
+
+    def init_params(self) -> Params:
+        params = {k: v.detach().clone() for k, v in self.model.named_parameters()}
+        if self.learn_inner_lr:
+            params |= {INNER_LR + k: torch.full_like(params[k], self.inner_lr) for k in self._adapted(params)}
+        return params
+
+    def _adapted(self, params: Params) -> list[str]:
+        return [k for k in params if not k.startswith(INNER_LR) and (not self.head_only or k.startswith("head."))]
+
+    def _encode(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model.body, _sub(params, "body."), (x,)) if self.head_only else x
+
+    def _predict(self, params: Params, z: torch.Tensor) -> torch.Tensor:
+        if self.head_only:
+            return functional_call(self.model.head, _sub(params, "head."), (z,))
+        return functional_call(self.model, {k: v for k, v in params.items() if not k.startswith(INNER_LR)}, (z,))
+
+    def adapt(self, params: Params, z: torch.Tensor, y: torch.Tensor, steps: int, create_graph: bool) -> Params:
+        """`steps` of gradient descent on (z, y); differentiable through the steps when `create_graph`."""
+        names = self._adapted(params)
+        for _ in range(steps):
+            loss, _ = _score(self._predict(params, z), y, self.classification)
+            grads = torch.autograd.grad(loss, [params[k] for k in names], create_graph=create_graph)
+            lr = {k: params[INNER_LR + k] if self.learn_inner_lr else self.inner_lr for k in names}
+            params = params | {k: params[k] - lr[k] * g for k, g in zip(names, grads)}
+        return params
+
+    def query_loss(self, params: Params, task: Task, steps: int, create_graph: bool):
+        zs, zq = self._encode(params, task.support_x), self._encode(params, task.query_x)
+        fast = self.adapt(params, zs, task.support_y, steps, create_graph)
+        return _score(self._predict(fast, zq), task.query_y, self.classification)
+
+    def outer_grad(self, params: Params, tasks: list[Task]) -> tuple[Params, Metrics]:
+        def task_grad(params: Params, task: Task):
+            loss, acc = self.query_loss(params, task, self.inner_steps, create_graph=not self.first_order)
+            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+            return dict(zip(params, grads)), loss, acc
+
+        return _sum_over_tasks(params, tasks, task_grad)
+
+    def evaluate(self, params: Params, task: Task, steps: int) -> Metrics:
+        params = _leaves(params)  # the inner loop needs gradients; nothing flows back out
+        zq = self._encode(params, task.query_x)
+        before = _score(self._predict(params, zq), task.query_y, self.classification)
+        after = self.query_loss(params, task, steps, create_graph=False)
+        return {
+            "loss_before": before[0].item(),
+            "accuracy_before": before[1].item(),
+            "loss": after[0].item(),
+            "accuracy": after[1].item(),
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class Reptile(GradientMetaLearner):
+    """Reptile: the outer 'gradient' of a task is theta - theta_adapted (Nichol et al. 2018).
+
+    The inner loop trains on all of a training task's examples (support and query together) and
+    never builds a graph. Evaluation is the same as MAML's: adapt on support, score on query.
+    """
+
+    def outer_grad(self, params: Params, tasks: list[Task]) -> tuple[Params, Metrics]:
+        def task_grad(params: Params, task: Task):
+            x, y = torch.cat([task.support_x, task.query_x]), torch.cat([task.support_y, task.query_y])
+            fast = params
+            for _ in range(self.inner_steps):
+                fast = _leaves(self.adapt(fast, x, y, 1, create_graph=False))
+            loss, acc = _score(self._predict(fast, x), y, self.classification)
+            return {k: (params[k] - fast[k]).detach() for k in params}, loss, acc
+
+        return _sum_over_tasks(params, tasks, task_grad)
+
+
+@dataclass(frozen=True, eq=False)
+class PrototypicalNetwork:
+    """Prototypical Networks (Snell et al. 2017): logits are negative squared distances to class means."""
+
+    model: nn.Module
+
+    def init_params(self) -> Params:
+        return {k: v.detach().clone() for k, v in self.model.named_parameters()}
+
+    def logits(self, params: Params, task: Task) -> torch.Tensor:
+        embed = lambda x: functional_call(self.model, params, (x,))  # noqa: E731
+        support, query = embed(task.support_x), embed(task.query_x)
+        ways = int(task.support_y.max()) + 1
+        counts = torch.bincount(task.support_y, minlength=ways).unsqueeze(1).to(support.dtype)
+        prototypes = torch.zeros(ways, support.shape[1], dtype=support.dtype, device=support.device)
+        prototypes = prototypes.index_add(0, task.support_y, support) / counts
+        return -((query.unsqueeze(1) - prototypes.unsqueeze(0)) ** 2).sum(-1)
+
+    def outer_grad(self, params: Params, tasks: list[Task]) -> tuple[Params, Metrics]:
+        def task_grad(params: Params, task: Task):
+            loss, acc = _score(self.logits(params, task), task.query_y, True)
+            return dict(zip(params, torch.autograd.grad(loss, list(params.values())))), loss, acc
+
+        return _sum_over_tasks(params, tasks, task_grad)
+
+    def evaluate(self, params: Params, task: Task, steps: int) -> Metrics:
+        with torch.no_grad():
+            loss, acc = _score(self.logits(params, task), task.query_y, True)
+        return {"loss": loss.item(), "accuracy": acc.item()}
+
+
+def build_algorithm(config: RunConfig, model: nn.Module):
+    """The algorithm object for a run config (`steps` for training come from optim.inner_steps)."""
+    if config.algorithm == "protonet":
+        return PrototypicalNetwork(model)
+    cls = Reptile if config.algorithm == "reptile" else GradientMetaLearner
+    return cls(
+        model=model,
+        inner_lr=config.optim.inner_lr,
+        inner_steps=config.optim.inner_steps,
+        first_order=config.first_order or config.algorithm == "reptile",
+        classification=config.classification,
+        head_only=config.algorithm == "anil",
+        learn_inner_lr=config.algorithm == "metasgd",
+    )

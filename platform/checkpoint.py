@@ -1,0 +1,210 @@
+"""Checkpoint storage in a local folder or under an s3://bucket/prefix: atomic writes, keep the newest N.
+
+A checkpoint is one dict (tensors, numpy arrays, numbers, strings, nested dicts/lists/tuples) saved
+with torch.save as `ckpt-<iteration:08d>.pt`. One process writes to a store at a time; any number
+may read it.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"ckpt-(\d{8,})\.pt")
+
+# We load with weights_only=True: a checkpoint may come from a shared bucket, and the restricted
+# unpickler cannot run code, while our plain-data checkpoints need nothing more than torch's
+# default allowlist plus numpy arrays and scalars (numpy RNG state, metrics). These globals only
+# rebuild arrays, scalars and dtypes; an object array's elements still go through the restricted
+# unpickler. Added process-wide once, because the `safe_globals` context manager edits the same
+# global set on entry and exit, which races between threads and drops entries a caller added too.
+torch.serialization.add_safe_globals(
+    [
+        np.zeros(0).__reduce__()[0],  # numpy's _reconstruct, whose module differs in numpy 1 and 2
+        np.float64(0).__reduce__()[0],  # numpy's scalar
+        np.ndarray,
+        np.dtype,
+        *(t for t in vars(np.dtypes).values() if isinstance(t, type) and issubclass(t, np.dtype)),
+    ]
+)
+
+
+def _name(iteration: int) -> str:
+    return f"ckpt-{iteration:08d}.pt"
+
+
+class CheckpointError(Exception):
+    """A checkpoint location or file cannot be used; the message names it and the problem."""
+
+
+@contextmanager
+def _raise_as_checkpoint_error(where: str, doing: str, errors):
+    try:
+        yield
+    except errors as e:
+        raise CheckpointError(f"{where}: {doing}: {e}") from e
+
+
+class _LocalFolder:
+    def __init__(self, location: str | Path):
+        self.root = Path(location).expanduser()
+        self.location = str(self.root)
+        # Created now so that an unusable path fails when the store is made, not hours later.
+        with _raise_as_checkpoint_error(self.location, "cannot create checkpoint folder", OSError):
+            self.root.mkdir(parents=True, exist_ok=True)
+
+    def uri(self, name: str) -> str:
+        return str(self.root / name)
+
+    def names(self) -> list[str]:
+        with _raise_as_checkpoint_error(self.location, "cannot list checkpoints", OSError):
+            return os.listdir(self.root)
+
+    def read(self, name: str) -> bytes:
+        with _raise_as_checkpoint_error(self.uri(name), "cannot read", OSError):
+            return (self.root / name).read_bytes()
+
+    def write(self, name: str, data: bytes) -> None:
+        with _raise_as_checkpoint_error(self.uri(name), "cannot write", OSError):
+            for stale in self.root.glob(".ckpt-*.tmp"):  # left by a writer that crashed mid-write
+                stale.unlink(missing_ok=True)
+            # The temp name starts with '.', so readers never take it for a checkpoint; os.replace
+            # then swaps the complete, fsynced file in at once.
+            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{name}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.root / name)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            # Persist the rename itself, or a power loss could still lose the new name.
+            folder = os.open(self.root, os.O_RDONLY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
+
+    def delete(self, name: str) -> None:
+        with _raise_as_checkpoint_error(self.uri(name), "cannot delete", OSError):
+            (self.root / name).unlink(missing_ok=True)
+
+
+class _S3Prefix:
+    def __init__(self, location: str):
+        # Imported here: boto3 is slow to import and only S3 stores need it.
+        import boto3
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        self._errors = (BotoCoreError, ClientError)
+        self.bucket, _, prefix = location.removeprefix("s3://").partition("/")
+        prefix = prefix.strip("/")
+        self.prefix = f"{prefix}/" if prefix else ""
+        self.location = f"s3://{self.bucket}/{self.prefix}"
+        if not self.bucket:
+            raise CheckpointError(f"{location}: no bucket in the S3 URI")
+        # Endpoint, region and credentials come from the standard AWS_* variables (MinIO, moto).
+        self.client = boto3.client("s3")
+        # Checked now so that a missing bucket fails when the store is made, not hours later.
+        with _raise_as_checkpoint_error(self.location, "cannot access bucket", self._errors):
+            self.client.head_bucket(Bucket=self.bucket)
+
+    def uri(self, name: str) -> str:
+        return self.location + name
+
+    def names(self) -> list[str]:
+        with _raise_as_checkpoint_error(self.location, "cannot list checkpoints", self._errors):
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self.prefix, Delimiter="/"
+            )
+            return [o["Key"][len(self.prefix) :] for page in pages for o in page.get("Contents", [])]
+
+    def read(self, name: str) -> bytes:
+        with _raise_as_checkpoint_error(self.uri(name), "cannot read", self._errors):
+            return self.client.get_object(Bucket=self.bucket, Key=self.prefix + name)["Body"].read()
+
+    def write(self, name: str, data: bytes) -> None:
+        # A single put_object is atomic: the object appears whole or not at all.
+        with _raise_as_checkpoint_error(self.uri(name), "cannot write", self._errors):
+            self.client.put_object(Bucket=self.bucket, Key=self.prefix + name, Body=data)
+
+    def delete(self, name: str) -> None:
+        with _raise_as_checkpoint_error(self.uri(name), "cannot delete", self._errors):
+            self.client.delete_object(Bucket=self.bucket, Key=self.prefix + name)
+
+
+class CheckpointStore:
+    """Checkpoints under a local folder or an s3://bucket/prefix URI, named ckpt-<iteration:08d>.pt."""
+
+    def __init__(self, location: str | Path, keep: int = 3):
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1, got {keep}")
+        self.keep = keep
+        if str(location).startswith("s3://"):
+            self._backend = _S3Prefix(str(location))
+        else:
+            self._backend = _LocalFolder(location)
+        self.location = self._backend.location
+
+    def save(self, state: dict, iteration: int) -> str:
+        """Write `state` as the checkpoint of `iteration`, return its path or URI, keep the newest `keep`."""
+        if iteration < 0:
+            raise ValueError(f"iteration must be >= 0, got {iteration}")
+        name = _name(iteration)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        data = buffer.getvalue()
+        # Refuse now what load() would refuse, rather than at resume time.
+        refused = torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data))
+        if refused:
+            raise CheckpointError(
+                f"{self._backend.uri(name)}: the state holds types that load() refuses: "
+                f"{sorted(refused)}; store plain data (dicts, lists, numbers, strings, tensors, arrays)"
+            )
+        self._backend.write(name, data)
+        self._prune(iteration)
+        return self._backend.uri(name)
+
+    def iterations(self) -> list[int]:
+        """Iterations of the complete checkpoints, ascending."""
+        return sorted(int(m[1]) for name in self._backend.names() if (m := _NAME.fullmatch(name)))
+
+    def latest(self) -> int | None:
+        """Iteration of the newest complete checkpoint, or None if there is none."""
+        iterations = self.iterations()
+        return iterations[-1] if iterations else None
+
+    def load(self, iteration: int | None = None) -> dict:
+        """The checkpoint of `iteration` (the newest when None), with all tensors on the CPU."""
+        if iteration is None:
+            iteration = self.latest()
+            if iteration is None:
+                raise CheckpointError(f"{self.location}: no checkpoint to load")
+        name = _name(iteration)
+        data = self._backend.read(name)
+        # map_location="cpu" so a checkpoint written on a GPU loads anywhere; load_state_dict then
+        # copies the tensors onto the model's device.
+        with _raise_as_checkpoint_error(self._backend.uri(name), "unreadable checkpoint", Exception):
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+    def _prune(self, just_written: int) -> None:
+        old = [i for i in self.iterations()[: -self.keep] if i != just_written]
+        for iteration in old:
+            # The checkpoint is already safe, so a failed delete must not fail the save; the next
+            # save retries it.
+            try:
+                self._backend.delete(_name(iteration))
+            except CheckpointError as e:
+                log.warning("could not prune an old checkpoint: %s", e)

@@ -1,0 +1,230 @@
+"""The run configuration: one pydantic model tree, loaded from YAML plus dotted command-line overrides.
+
+Every problem is reported as one line naming the field, the value given and the rule broken
+(`ConfigError.problems`); the commands print them and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+ALGORITHMS = ("maml", "fomaml", "reptile", "protonet", "anil", "metasgd")
+TASK_KINDS = ("sinusoid", "omniglot", "folder")
+
+
+class ConfigError(Exception):
+    """Bad configuration: one human-readable line per problem."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TaskConfig(_Section):
+    kind: Literal["sinusoid", "omniglot", "folder"] = "sinusoid"
+    ways: int = Field(5, gt=0, description="classes per task (classification)")
+    shots: int = Field(10, gt=0, description="support examples per class (K)")
+    query: int = Field(10, gt=0, description="query examples per class")
+    split: Literal["standard", "background"] = Field(
+        "standard", description="Omniglot class split: standard (1200/423 characters) or background (alphabets)"
+    )
+    data: str | None = Field(
+        None, description="Omniglot: folder, https URL or s3:// URI ($METAPLATFORM_OMNIGLOT or the official download when null); folder: root/<class>/<image>"
+    )
+
+
+class ModelConfig(_Section):
+    kind: Literal["mlp", "conv4"] = "mlp"
+    width: int = Field(40, gt=0, description="hidden units (mlp) or filters (conv4)")
+
+
+class OptimConfig(_Section):
+    inner_lr: float = Field(0.01, gt=0, description="eta: inner-loop learning rate (initial value for metasgd)")
+    outer_lr: float = Field(0.001, gt=0, description="lambda: outer (meta) learning rate")
+    inner_steps: int = Field(1, gt=0, description="inner steps in meta-training")
+    test_inner_steps: int = Field(10, ge=0, description="inner steps at meta-validation and meta-test")
+    meta_batch: int = Field(25, gt=0, description="tasks per meta-iteration")
+    iterations: int = Field(1500, gt=0)
+    first_order: bool = Field(False, description="drop second-order terms (maml, anil, metasgd)")
+    outer_optimizer: Literal["adam", "sgd"] = "adam"
+    schedule: Literal["constant", "cosine"] = Field("constant", description="outer learning-rate schedule")
+    grad_clip: float | None = Field(None, gt=0, description="clip the meta-gradient's global norm")
+    chunk: int = Field(
+        4, gt=0, description="tasks per gradient chunk; chunks are summed in order, so results do not depend on the number of workers"
+    )
+
+
+class ResourcesConfig(_Section):
+    workers: int = Field(2, gt=0, description="adaptation actors")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    placement: Literal["SPREAD", "PACK"] = "SPREAD"
+    worker_timeout_s: float = Field(600.0, gt=0, description="a worker silent this long on one call is treated as dead")
+    start_timeout_s: float = Field(120.0, gt=0, description="how long to wait for workers to be placed and started")
+    max_worker_failures: int = Field(20, ge=0, description="stop the run after this many worker failures")
+
+
+class CheckpointConfig(_Section):
+    dir: str = Field("checkpoints/run", description="local folder or s3://bucket/prefix")
+    every: int = Field(500, gt=0)
+    keep: int = Field(3, gt=0)
+    resume: bool = False
+
+
+class EvalConfig(_Section):
+    every: int = Field(500, ge=0, description="meta-validate every N iterations (0: never)")
+    tasks: int = Field(100, gt=0, description="meta-validation tasks")
+
+
+class RunConfig(_Section):
+    seed: int = Field(0, ge=0)
+    task: TaskConfig = TaskConfig()
+    model: ModelConfig = ModelConfig()
+    algorithm: Literal["maml", "fomaml", "reptile", "protonet", "anil", "metasgd"] = "maml"
+    optim: OptimConfig = OptimConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    eval: EvalConfig = EvalConfig()
+    log_every: int = Field(50, gt=0, description="print a progress line every N iterations")
+
+    @property
+    def classification(self) -> bool:
+        return self.task.kind != "sinusoid"
+
+    @property
+    def first_order(self) -> bool:
+        return self.optim.first_order or self.algorithm == "fomaml"
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _dotted_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys += _dotted_keys(annotation, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _unknown_key(key: str, where: str) -> str:
+    close = difflib.get_close_matches(key, _dotted_keys(RunConfig), n=1, cutoff=0.5)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"{where}: unknown key '{key}'{hint}"
+
+
+def _validation_problems(error: ValidationError, source: str) -> list[str]:
+    problems = []
+    for e in error.errors():
+        field = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            problems.append(_unknown_key(field, source))
+        else:
+            problems.append(f"{source}: {field} = {e['input']!r}: {e['msg']}")
+    return problems
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read config file: {e.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError([f"{path}: YAML syntax error{where}: {getattr(e, 'problem', None) or e}"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: top level must be a mapping of sections, got {type(data).__name__}"])
+    return data
+
+
+def _apply_override(data: dict[str, Any], override: str) -> str | None:
+    """Set `a.b.c=value` in `data` (value parsed as YAML); returns a problem line or None."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        return f"override '{override}': expected key=value, e.g. optim.inner_lr=0.4"
+    if key not in _dotted_keys(RunConfig):
+        return _unknown_key(key, f"override '{override}'")
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    *parents, leaf = key.split(".")
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[leaf] = value
+    return None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """YAML file (or the embedded defaults) plus `key=value` overrides, validated and checked."""
+    source = str(path) if path else "config"
+    data = _read_yaml(Path(path)) if path else {}
+    problems = [p for p in (_apply_override(data, o) for o in overrides) if p]
+    if problems:
+        raise ConfigError(problems)
+    try:
+        config = RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_validation_problems(e, source)) from None
+    problems = check(config)
+    if problems:
+        raise ConfigError([f"{source}: {p}" for p in problems])
+    return config
+
+
+def check(config: RunConfig) -> list[str]:
+    """Rules that span fields (pydantic checks each field on its own)."""
+    from platform import tasks  # imported here because tasks imports this module
+    from platform.data import DataError
+
+    t, problems = config.task, []
+    if config.classification:
+        if config.model.kind == "mlp" and t.kind == "omniglot":
+            problems.append("model.kind = 'mlp': Omniglot tasks need model.kind 'conv4'")
+        for split in ("train", "val", "test"):
+            try:
+                n = tasks.num_classes(t, split)
+            except DataError as e:
+                problems.append(f"task.data = {t.data!r}: {e}")
+                break
+            if t.ways > n:
+                problems.append(f"task.ways = {t.ways}: more than the {n} classes of the {t.kind} {split} split")
+                break
+        per_class = tasks.images_per_class(t)
+        if per_class is not None and t.shots + t.query > per_class:
+            problems.append(
+                f"task.shots + task.query = {t.shots} + {t.query}: more than the {per_class} images per {t.kind} class"
+            )
+    else:
+        if config.model.kind != "mlp":
+            problems.append(f"model.kind = {config.model.kind!r}: sinusoid regression needs model.kind 'mlp'")
+        if config.algorithm == "protonet":
+            problems.append("algorithm = 'protonet': prototypical networks need a classification task, not sinusoid")
+    chunks = -(-config.optim.meta_batch // config.optim.chunk)
+    if config.resources.workers > chunks:
+        problems.append(
+            f"resources.workers = {config.resources.workers}: more workers than the {chunks} gradient chunks of a "
+            f"meta-batch (optim.meta_batch {config.optim.meta_batch} / optim.chunk {config.optim.chunk}); "
+            "lower resources.workers or optim.chunk"
+        )
+    return problems

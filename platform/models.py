@@ -1,0 +1,70 @@
+"""Models as plain nn.Modules with a `body` (feature extractor) and an optional `head`.
+
+Algorithms never hold a model's parameters in the module: they call `torch.func.functional_call`
+with a parameter dict, so one model object serves every task and every adaptation step.
+ANIL adapts only the `head.*` parameters; Prototypical Networks use the body alone.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from platform.config import RunConfig
+
+
+class MLP(nn.Module):
+    """Two hidden ReLU layers (40 units each in the MAML paper's sinusoid experiment)."""
+
+    def __init__(self, in_features: int, width: int, out_features: int | None):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Flatten(), nn.Linear(in_features, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU()
+        )
+        self.head = nn.Linear(width, out_features) if out_features else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.body(x)
+        return self.head(features) if self.head is not None else features
+
+
+def _conv_block(in_channels: int, width: int) -> nn.Sequential:
+    # BatchNorm always uses the batch's statistics (no running averages), as in the MAML paper.
+    return nn.Sequential(
+        nn.Conv2d(in_channels, width, 3, padding=1),
+        nn.BatchNorm2d(width, track_running_stats=False),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+    )
+
+
+class Conv4(nn.Module):
+    """The 4-block convolutional network of the MAML and ProtoNets papers (28x28 input -> 1x1)."""
+
+    def __init__(self, in_channels: int, width: int, out_features: int | None):
+        super().__init__()
+        self.body = nn.Sequential(
+            _conv_block(in_channels, width),
+            _conv_block(width, width),
+            _conv_block(width, width),
+            _conv_block(width, width),
+            nn.Flatten(),
+        )
+        self.head = nn.Linear(width, out_features) if out_features else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.body(x)
+        return self.head(features) if self.head is not None else features
+
+
+def build_model(config: RunConfig) -> nn.Module:
+    """The model a run config asks for. Parameters are initialised from torch's global RNG."""
+    if config.task.kind == "sinusoid":
+        in_features, out = 1, 1
+    else:
+        in_features, out = 28 * 28, config.task.ways
+    if config.algorithm == "protonet":
+        out = None  # prototypes live in the embedding space: no classifier head
+    if config.model.kind == "mlp":
+        return MLP(in_features, config.model.width, out)
+    return Conv4(1, config.model.width, out)

@@ -1,0 +1,243 @@
+"""CheckpointStore against a local folder and a real S3 server (moto on loopback)."""
+
+import dataclasses
+import io
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from platform.checkpoint import CheckpointError, CheckpointStore
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(params=["local", "s3"])
+def location(request, tmp_path) -> str:
+    if request.param == "local":
+        return str(tmp_path / "ckpts")
+    return f"s3://{request.getfixturevalue('s3_bucket')}/some/prefix"
+
+
+def put_raw(location: str, name: str, data: bytes) -> None:
+    """Write bytes beside the store's checkpoints, bypassing the store."""
+    if location.startswith("s3://"):
+        import boto3
+
+        bucket, _, prefix = location.removeprefix("s3://").partition("/")
+        boto3.client("s3").put_object(Bucket=bucket, Key=f"{prefix}/{name}", Body=data)
+    else:
+        path = Path(location, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+
+def assert_same(a, b) -> None:
+    assert type(a) is type(b)
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    elif isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    elif isinstance(a, dict):
+        assert list(a) == list(b)
+        for key in a:
+            assert_same(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    else:
+        assert a == b
+
+
+def training_state(iteration: int) -> tuple[dict, torch.nn.Module]:
+    torch.manual_seed(iteration)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(torch.randn(5, 4)).pow(2).mean().backward()
+        optimizer.step()
+    state = {
+        "iteration": iteration,
+        "params": {name: p.detach().clone() for name, p in model.named_parameters()},
+        "optimizer": optimizer.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        "config": {"algorithm": "maml", "inner_lr": 0.4, "ways": 5, "shots": [1, 5], "first_order": False},
+        "metrics": [{"step": 1, "loss": 1.5, "acc": np.float32(0.25)}, {"step": 2, "loss": 1.25}],
+        "support_idx": np.arange(10, dtype=np.int64),
+    }
+    return state, model
+
+
+def test_round_trip_restores_model_and_optimizer(location):
+    state, model = training_state(500)
+    store = CheckpointStore(location)
+
+    written = store.save(state, 500)
+
+    assert written == f"{location}/ckpt-00000500.pt"
+    loaded = store.load()
+    assert_same(loaded, state)
+    restored = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    restored.load_state_dict(loaded["params"])
+    optimizer = torch.optim.Adam(restored.parameters(), lr=1e-3)
+    optimizer.load_state_dict(loaded["optimizer"])
+    assert_same(optimizer.state_dict(), state["optimizer"])
+    x = torch.randn(3, 4)
+    assert torch.equal(restored(x), model(x))
+
+
+def test_latest_and_iterations_ascending(location):
+    store = CheckpointStore(location, keep=5)
+    for iteration in (20, 3, 100, 7):
+        store.save({"iteration": iteration}, iteration)
+
+    assert store.iterations() == [3, 7, 20, 100]
+    assert store.latest() == 100
+    assert store.load() == {"iteration": 100}
+    assert store.load(3) == {"iteration": 3}
+    # A second store on the same location sees the same checkpoints.
+    assert CheckpointStore(location).iterations() == [3, 7, 20, 100]
+
+
+def test_keeps_the_newest_n_and_never_the_one_just_written(location):
+    store = CheckpointStore(location, keep=2)
+    for iteration in range(1, 6):
+        store.save({"iteration": iteration}, iteration)
+        assert store.iterations() == list(range(max(1, iteration - 1), iteration + 1))
+
+    store.save({"iteration": 2}, 2)  # older than those kept, still not deleted
+
+    assert store.iterations() == [2, 4, 5]
+    with pytest.raises(CheckpointError, match="ckpt-00000001.pt"):
+        store.load(1)
+
+
+def test_ignores_names_that_are_not_checkpoints(location):
+    store = CheckpointStore(location)
+    store.save({"iteration": 1}, 1)
+    for name in ("notes.txt", "ckpt-2.pt", ".ckpt-00000009.pt.x1y2.tmp", "nested/ckpt-00000008.pt"):
+        put_raw(location, name, b"not a checkpoint")
+    put_raw(location + "2", "ckpt-00000007.pt", b"a sibling prefix")
+
+    assert store.iterations() == [1]
+
+
+def test_empty_store(location):
+    store = CheckpointStore(location)
+
+    assert store.latest() is None
+    assert store.iterations() == []
+    with pytest.raises(CheckpointError, match="no checkpoint") as error:
+        store.load()
+    assert location.rstrip("/") in str(error.value)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_newest_raises_naming_it(location, damage):
+    store = CheckpointStore(location)
+    store.save({"iteration": 1}, 1)
+    store.save(training_state(2)[0], 2)
+    data = b"\x00garbage" * 100 if damage == "garbage" else _saved_bytes(training_state(2)[0])[:2000]
+    put_raw(location, "ckpt-00000002.pt", data)
+
+    assert store.latest() == 2  # no silent fall back to iteration 1
+    with pytest.raises(CheckpointError, match="unreadable checkpoint") as error:
+        store.load()
+    assert f"{location}/ckpt-00000002.pt" in str(error.value)
+    assert store.load(1) == {"iteration": 1}
+
+
+def _saved_bytes(state: dict) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+@dataclasses.dataclass
+class Config:
+    lr: float
+
+
+def test_state_that_load_would_refuse_is_refused_at_save(location):
+    store = CheckpointStore(location)
+
+    with pytest.raises(CheckpointError, match="Config"):
+        store.save({"config": Config(lr=0.1)}, 1)
+
+    assert store.iterations() == []
+
+
+def test_location_under_a_regular_file_raises(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    location = tmp_path / "file" / "ckpts"
+
+    with pytest.raises(CheckpointError, match="cannot create checkpoint folder") as error:
+        CheckpointStore(location)
+    assert str(location) in str(error.value)
+
+
+def test_location_that_turns_unwritable_raises_at_save(tmp_path):
+    location = tmp_path / "ckpts"
+    store = CheckpointStore(location)
+    location.rmdir()
+    location.write_text("now a file")
+
+    with pytest.raises(CheckpointError, match="cannot write") as error:
+        store.save({"iteration": 1}, 1)
+    assert str(location / "ckpt-00000001.pt") in str(error.value)
+
+
+def test_missing_bucket_raises(s3_server):
+    with pytest.raises(CheckpointError, match="s3://no-such-bucket-0123/some/prefix/"):
+        CheckpointStore("s3://no-such-bucket-0123/some/prefix")
+
+
+def test_keep_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="keep"):
+        CheckpointStore(tmp_path, keep=0)
+
+
+def test_writer_killed_mid_write_leaves_previous_checkpoint(tmp_path):
+    location = tmp_path / "ckpts"
+    # The writer saves iteration 1, then is SIGKILLed while iteration 2's bytes sit in the temp
+    # file, before the fsync and the rename.
+    writer = textwrap.dedent(
+        """
+        import os, sys, time, torch
+        from platform.checkpoint import CheckpointStore
+
+        store = CheckpointStore(sys.argv[1])
+        store.save({"iteration": 1}, 1)
+
+        def hang(fd):
+            print("writing", flush=True)
+            time.sleep(60)
+
+        os.fsync = hang
+        store.save({"iteration": 2, "params": torch.zeros(1_000_000)}, 2)
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", writer, str(location)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline() == "writing\n"
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    temps = [p.name for p in location.iterdir() if p.name.startswith(".")]
+    assert len(temps) == 1 and temps[0].startswith(".ckpt-00000002.pt.")
+
+    store = CheckpointStore(location)
+    assert store.iterations() == [1]
+    assert store.load() == {"iteration": 1}
+
+    store.save({"iteration": 3}, 3)  # cleans up the crashed writer's temp file
+    assert sorted(p.name for p in location.iterdir()) == ["ckpt-00000001.pt", "ckpt-00000003.pt"]
