@@ -14,14 +14,13 @@ applies the meta-update. `params` maps names to tensors; the model object is onl
 from __future__ import annotations
 
 from dataclasses import dataclass
+from platform.config import RunConfig
+from platform.tasks import Task
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
-
-from platform.config import RunConfig
-from platform.tasks import Task
 
 Params = dict[str, torch.Tensor]
 Metrics = dict[str, float]
@@ -158,7 +157,7 @@ class PrototypicalNetwork:
         return {k: v.detach().clone() for k, v in self.model.named_parameters()}
 
     def logits(self, params: Params, task: Task) -> torch.Tensor:
-        embed = lambda x: functional_call(self.model, params, (x,))  # noqa: E731
+        embed = lambda x: functional_call(self.model, params, (x,))
         support, query = embed(task.support_x), embed(task.query_x)
         ways = int(task.support_y.max()) + 1
         counts = torch.bincount(task.support_y, minlength=ways).unsqueeze(1).to(support.dtype)

@@ -208,3 +208,14 @@ class CheckpointStore:
                 self._backend.delete(_name(iteration))
             except CheckpointError as e:
                 log.warning("could not prune an old checkpoint: %s", e)
+
+
+def load_checkpoint(location: str | Path) -> dict:
+    """A checkpoint named by its file or object (`.../ckpt-N.pt`), or the newest one under a folder or prefix."""
+    location = str(location).rstrip("/")
+    if not location.startswith("s3://") and not Path(location).expanduser().exists():
+        raise CheckpointError(f"{location}: no such checkpoint file or folder")
+    head, _, name = location.rpartition("/")
+    if match := _NAME.fullmatch(name):
+        return CheckpointStore(head or ".").load(int(match[1]))
+    return CheckpointStore(location).load()

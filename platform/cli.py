@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-
 from platform.checkpoint import CheckpointError
 from platform.config import ConfigError
 from platform.data import DataError
@@ -16,7 +15,10 @@ def config_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="YAML run config (default: the embedded sinusoid MAML run)")
     parser.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.inner_lr=0.4 optim.inner_steps=3"
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted overrides, e.g. optim.inner_lr=0.4 optim.inner_steps=3",
     )
     return parser
 

@@ -38,7 +38,8 @@ class TaskConfig(_Section):
         "standard", description="Omniglot class split: standard (1200/423 characters) or background (alphabets)"
     )
     data: str | None = Field(
-        None, description="Omniglot: folder, https URL or s3:// URI ($METAPLATFORM_OMNIGLOT or the official download when null); folder: root/<class>/<image>"
+        None,
+        description="Omniglot: folder, https URL or s3:// URI ($METAPLATFORM_OMNIGLOT or the official download when null); folder: root/<class>/<image>",
     )
 
 
@@ -59,7 +60,9 @@ class OptimConfig(_Section):
     schedule: Literal["constant", "cosine"] = Field("constant", description="outer learning-rate schedule")
     grad_clip: float | None = Field(None, gt=0, description="clip the meta-gradient's global norm")
     chunk: int = Field(
-        4, gt=0, description="tasks per gradient chunk; chunks are summed in order, so results do not depend on the number of workers"
+        4,
+        gt=0,
+        description="tasks per gradient chunk; chunks are summed in order, so results do not depend on the number of workers",
     )
 
 

@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import os
 import time
+from platform.algorithms import Params, build_algorithm
+from platform.config import RunConfig
+from platform.models import build_model
+from platform.tasks import task_sampler
 
 import numpy as np
 import ray
@@ -20,11 +24,6 @@ import torch
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, OutOfMemoryError, RayActorError, WorkerCrashedError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-from platform.algorithms import Params, build_algorithm
-from platform.config import RunConfig
-from platform.models import build_model
-from platform.tasks import task_sampler
 
 GRAD_METRICS = ("loss", "accuracy", "tasks", "seconds")
 EVAL_METRICS = ("loss_before", "accuracy_before", "loss", "accuracy")
@@ -174,7 +173,7 @@ class WorkerPool:
         bounds = np.linspace(0, len(items), n + 1).round().astype(int)
         shards = [items[bounds[i] : bounds[i + 1]] for i in range(n)]
         timeout = self.config.resources.worker_timeout_s
-        submit = lambda i: (getattr(self.actors[i], method).remote(*args, shards[i]), time.monotonic() + timeout)  # noqa: E731
+        submit = lambda i: (getattr(self.actors[i], method).remote(*args, shards[i]), time.monotonic() + timeout)
         pending = {i: submit(i) for i in range(n) if shards[i]}
         results: list[np.ndarray | None] = [None] * n
         while pending:

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from platform.config import TaskConfig
+from platform.data import DataError, ImageClasses, load_image_folder, load_omniglot
 
 import numpy as np
 import torch
-
-from platform.config import TaskConfig
-from platform.data import DataError, ImageClasses, load_image_folder, load_omniglot
 
 SPLITS = ("train", "val", "test")
 OMNIGLOT_IMAGES_PER_CLASS = 20
@@ -53,11 +52,11 @@ def evaluation_seeds(count: int) -> list[int]:
 class SinusoidTasks:
     """Regression y = A sin(x - phi), A ~ U[0.1, 5], phi ~ U[0, pi], x ~ U[-5, 5] (the MAML paper)."""
 
-    def __init__(self, shots: int, query: int):
-        self.shots, self.query = shots, query
+    def __init__(self, split: str, shots: int, query: int):
+        self.split, self.shots, self.query = split, shots, query
 
     def sample(self, seed: int) -> Task:
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng([SPLITS.index(self.split), seed])
         amplitude, phase = rng.uniform(0.1, 5.0), rng.uniform(0.0, np.pi)
         x = rng.uniform(-5.0, 5.0, size=(self.shots + self.query, 1)).astype(np.float32)
         y = (amplitude * np.sin(x - phase)).astype(np.float32)
@@ -72,8 +71,10 @@ class ImageClassificationTasks:
     Labels are 0..N-1 in the order the classes were drawn, so their meaning changes per task.
     """
 
-    def __init__(self, images: ImageClasses, classes: np.ndarray, ways: int, shots: int, query: int, rotations: int):
-        self.images, self.classes = images, classes
+    def __init__(
+        self, split: str, images: ImageClasses, classes: np.ndarray, ways: int, shots: int, query: int, rotations: int
+    ):
+        self.split, self.images, self.classes = split, images, classes
         self.ways, self.shots, self.query, self.rotations = ways, shots, query, rotations
 
     @property
@@ -81,7 +82,7 @@ class ImageClassificationTasks:
         return len(self.classes) * self.rotations
 
     def sample(self, seed: int) -> Task:
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng([SPLITS.index(self.split), seed])
         picked = rng.choice(self.num_classes, size=self.ways, replace=False)
         per_class = self.shots + self.query
         batch = np.empty((self.ways, per_class, *self.images.images.shape[1:]), dtype=np.uint8)
@@ -91,7 +92,7 @@ class ImageClassificationTasks:
             batch[label] = np.rot90(chosen, k=int(c % self.rotations), axes=(1, 2))
         x = torch.from_numpy(batch).float().div_(255.0).unsqueeze(2)  # (ways, per_class, 1, H, W)
         y = torch.arange(self.ways).unsqueeze(1).expand(self.ways, per_class)
-        s, q = self.shots, self.query
+        s = self.shots
         return Task(
             x[:, :s].reshape(-1, *x.shape[2:]),
             y[:, :s].reshape(-1),
@@ -155,11 +156,11 @@ def task_sampler(config: TaskConfig, split: str):
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if config.kind == "sinusoid":
-        return SinusoidTasks(config.shots, config.query)
+        return SinusoidTasks(split, config.shots, config.query)
     if config.kind == "omniglot":
         images = load_omniglot(config.data)
         classes, rotations = _omniglot_characters(config.split, split), ROTATIONS
     else:
         images = load_image_folder(_folder_root(config))
         classes, rotations = _folder_classes(len(images), split), 1
-    return ImageClassificationTasks(images, classes, config.ways, config.shots, config.query, rotations)
+    return ImageClassificationTasks(split, images, classes, config.ways, config.shots, config.query, rotations)

@@ -13,16 +13,10 @@ import os
 import signal
 import sys
 import time
-
-import numpy as np
-import ray
-import torch
-
 from platform.checkpoint import CheckpointStore
 from platform.cli import config_parser, run
 from platform.config import RunConfig, load_config
 from platform.engine import (
-    EVAL_METRICS,
     GRAD_METRICS,
     WorkerFailureError,
     WorkerPool,
@@ -31,7 +25,12 @@ from platform.engine import (
     chunked,
     flatten,
 )
+from platform.evaluate import format_eval, summarize
 from platform.tasks import evaluation_seeds, iteration_seeds
+
+import numpy as np
+import ray
+import torch
 
 INTERRUPTED = 130
 
@@ -63,22 +62,6 @@ def meta_validate(pool: WorkerPool, config: RunConfig, flat_ref, split: str = "v
     seeds = evaluation_seeds(config.eval.tasks)
     rows = np.concatenate(pool.map("evaluate", seeds, flat_ref, split, config.optim.test_inner_steps))
     return summarize(rows, config.classification)
-
-
-def summarize(rows: np.ndarray, classification: bool) -> dict:
-    """Means and 95% confidence half-widths over tasks of EVAL_METRICS rows."""
-    key = "accuracy" if classification else "loss"
-    col = rows[:, EVAL_METRICS.index(key)]
-    out = {k: float(np.mean(rows[:, i])) for i, k in enumerate(EVAL_METRICS) if not np.isnan(rows[:, i]).all()}
-    out[f"{key}_ci95"] = float(1.96 * np.std(col, ddof=1) / np.sqrt(len(col))) if len(col) > 1 else float("nan")
-    out["tasks"] = len(rows)
-    return out
-
-
-def format_eval(result: dict, classification: bool) -> str:
-    if classification:
-        return f"accuracy {result['accuracy']:.4f} ± {result['accuracy_ci95']:.4f}"
-    return f"mse {result['loss']:.4f} ± {result['loss_ci95']:.4f} (before adaptation {result['loss_before']:.4f})"
 
 
 class StopRequest:
@@ -192,17 +175,24 @@ def train(config: RunConfig) -> dict:
         where = checkpoint(iteration)
     except (WorkerStartError, WorkerFailureError) as e:
         where = checkpoint(iteration)
-        print(f"error: {e}\nstopped after iteration {iteration}; checkpoint {where}; resume with --resume", file=sys.stderr)
+        print(
+            f"error: {e}\nstopped after iteration {iteration}; checkpoint {where}; resume with --resume",
+            file=sys.stderr,
+        )
         sys.exit(1)
     finally:
         pool.shutdown()
-    print(f"done: {iteration} iterations, {pool.failures} worker failures, {pool.restarts} restarts; final checkpoint {where}")
+    print(
+        f"done: {iteration} iterations, {pool.failures} worker failures, {pool.restarts} restarts; final checkpoint {where}"
+    )
     return store.load()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = config_parser("Meta-train a model over a distribution of tasks on Ray actors.")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint (checkpoint.resume=true)")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint (checkpoint.resume=true)"
+    )
     args = parser.parse_args(argv)
     config = load_config(args.config, args.overrides + (["checkpoint.resume=true"] if args.resume else []))
     print("resolved config:\n" + config.to_yaml(), flush=True)

@@ -7,12 +7,11 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from platform.checkpoint import CheckpointError, CheckpointStore
 
 import numpy as np
 import pytest
 import torch
-
-from platform.checkpoint import CheckpointError, CheckpointStore
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -224,9 +223,7 @@ def test_writer_killed_mid_write_leaves_previous_checkpoint(tmp_path):
         store.save({"iteration": 2, "params": torch.zeros(1_000_000)}, 2)
         """
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", writer, str(location)], cwd=REPO, stdout=subprocess.PIPE, text=True
-    )
+    proc = subprocess.Popen([sys.executable, "-c", writer, str(location)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline() == "writing\n"
     finally:

@@ -1,0 +1,314 @@
+"""Image data for few-shot classification: Omniglot and the user's own image folders.
+
+Every source is decoded once into a compact uint8 array (28x28, ink high) and cached on disk
+under `cache_dir()`, keyed by the content of the source files, so later loads only memory-map
+the cached array; several processes on one node then share its pages.
+"""
+
+import contextlib
+import fcntl
+import functools
+import hashlib
+import http.client
+import io
+import json
+import os
+import shutil
+import tempfile
+import urllib.request
+import zipfile
+import zlib
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+from PIL import Image
+
+IMAGE_SIZE = 28
+OFFICIAL_OMNIGLOT_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
+# Published checksums of the official zips (the ones torchvision checks).
+OFFICIAL_MD5 = {
+    "images_background.zip": "68d2efa1b9178cc56df9314c21c6e718",
+    "images_evaluation.zip": "6b91aef0f799c5bb55b94e3f2daec811",
+}
+SPLITS = ("background", "evaluation")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+# Part of every cache key: change it whenever the preprocessing changes.
+_PREPROCESSING = f"v1 grayscale, LANCZOS {IMAGE_SIZE}x{IMAGE_SIZE}, inverted"
+
+# (where the image comes from, for messages; a function that reads its bytes)
+_Item = tuple[str, Callable[[], bytes]]
+_Classes = list[tuple[str, list[_Item]]]
+
+
+class DataError(Exception):
+    """A data source is missing or broken; the message says which file, what is wrong and what to do."""
+
+
+# eq=False: the generated == and hash would compare and hash numpy arrays, which does not work.
+@dataclass(frozen=True, eq=False)
+class ImageClasses:
+    """Images grouped by class: class c owns `images[offsets[c]:offsets[c + 1]]`.
+
+    `images` is (M, 28, 28) uint8 with 0 = background and 255 = ink; when loaded from the cache
+    it is a read-only memory map.
+    """
+
+    images: np.ndarray
+    offsets: np.ndarray
+    names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def class_images(self, c: int) -> np.ndarray:
+        return self.images[self.offsets[c] : self.offsets[c + 1]]
+
+
+def default_omniglot_source() -> str:
+    return os.environ.get("METAPLATFORM_OMNIGLOT") or OFFICIAL_OMNIGLOT_URL
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("METAPLATFORM_CACHE") or "~/.cache/metaplatform").expanduser()
+
+
+def load_omniglot(source: str | None = None) -> ImageClasses:
+    """All 1623 Omniglot characters (964 background, then 659 evaluation).
+
+    `source` (default: `default_omniglot_source()`) is one of
+    * a local folder holding `images_background.zip` and `images_evaluation.zip`, or the two
+      folders `images_background/` and `images_evaluation/` extracted from them;
+    * an http(s) URL base: `<base>/images_<split>.zip` are downloaded into the cache. Downloads
+      from `OFFICIAL_OMNIGLOT_URL` are checked against the published md5 checksums; downloads
+      from any other URL are NOT verified;
+    * `s3://bucket/prefix`, read with boto3 (endpoint, region and credentials come from the
+      standard AWS environment variables, e.g. AWS_ENDPOINT_URL for MinIO).
+    A download is reused as long as it is in the cache; delete it there to fetch it again.
+
+    Class names are "<split>/<Alphabet>/<characterNN>", sorted by split, alphabet, character;
+    each class's images are sorted by file name.
+    """
+    source = source or default_omniglot_source()
+    paths = {split: _fetch(source, f"images_{split}") for split in SPLITS}
+    files = {split: _omniglot_files(split, path) for split, path in paths.items()}
+    with contextlib.ExitStack() as open_zips:  # the zips stay open while the images are decoded
+
+        def classes() -> _Classes:
+            return [c for split in SPLITS for c in _omniglot_classes(split, paths[split], files[split], open_zips)]
+
+        return _cached("omniglot", [f for split in SPLITS for f in files[split]], classes)
+
+
+def load_image_folder(root: str | Path) -> ImageClasses:
+    """The user's own images, laid out as `root/<class>/<image>`.
+
+    Classes and images are sorted by name. Images (any format PIL reads, with a suffix in
+    IMAGE_SUFFIXES; other files and names starting with "." are ignored) get Omniglot's
+    preprocessing: transparent parts become white, then grayscale, resized to 28x28 (aspect
+    ratio not kept) and inverted. So dark drawings on a light background come out with ink high,
+    like Omniglot; light-on-dark images come out the other way round.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"{root}: image folder not found; expected a folder laid out as <root>/<class>/<image>")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise DataError(f"{root}: holds no class folders; put each class's images in <root>/<class>/")
+    listing = []
+    for folder in folders:
+        files = sorted(p for p in folder.iterdir() if p.is_file() and _is_image(p.name))
+        if not files:
+            raise DataError(
+                f"{folder}: class folder holds no images (suffixes {', '.join(IMAGE_SUFFIXES)}); "
+                "add images or remove the folder"
+            )
+        listing.append((folder.name, files))
+    key_files = [(f"{name}/{p.name}", p) for name, files in listing for p in files]
+    classes = [(name, [(str(p), p.read_bytes) for p in files]) for name, files in listing]
+    return _cached("folder", key_files, lambda: classes)
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def _fetch(source: str, name: str) -> Path:
+    """Local path of `<name>.zip` or of the extracted folder `<name>/` from an Omniglot source."""
+    if source.startswith(("http://", "https://", "s3://")):
+        base = source.rstrip("/")
+        expected = OFFICIAL_MD5[f"{name}.zip"] if base == OFFICIAL_OMNIGLOT_URL else None
+        return _download(f"{base}/{name}.zip", expected)
+    root = Path(source).expanduser()
+    if not root.is_dir():
+        raise DataError(
+            f"{root}: Omniglot source folder not found; give a folder holding images_background.zip "
+            "and images_evaluation.zip (or set METAPLATFORM_OMNIGLOT), an http(s):// URL or an s3:// URI"
+        )
+    for path in (root / f"{name}.zip", root / name):
+        if path.exists():
+            return path
+    raise DataError(
+        f"{root / name}.zip not found (nor the extracted folder {root / name}/); "
+        f"download it from {OFFICIAL_OMNIGLOT_URL}/{name}.zip into {root}"
+    )
+
+
+def _download(url: str, expected_md5: str | None) -> Path:
+    """Downloads `url` into the cache once; only a complete (and verified) file gets its name."""
+    dest = cache_dir() / "downloads" / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{url.rsplit('/', 1)[1]}"
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # No lock: concurrent downloaders each write their own temp file and the last rename wins.
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{dest.name}-", dir=dest.parent)
+    try:
+        with open(fd, "w+b") as f:
+            (_get_s3 if url.startswith("s3://") else _get_http)(url, f)
+            f.seek(0)
+            actual = hashlib.file_digest(f, "md5").hexdigest()
+        if expected_md5 and actual != expected_md5:
+            raise DataError(
+                f"{url}: md5 checksum mismatch (expected {expected_md5}, got {actual}); the download is "
+                "corrupt or the file changed upstream: try again, or set METAPLATFORM_OMNIGLOT to a local copy"
+            )
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def _get_http(url: str, f) -> None:
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            shutil.copyfileobj(response, f, 1 << 20)
+    except (OSError, http.client.HTTPException) as e:
+        raise DataError(
+            f"{url}: download failed ({e}); check the URL and the network, "
+            "or set METAPLATFORM_OMNIGLOT to a local folder holding the zips"
+        ) from None
+
+
+def _get_s3(uri: str, f) -> None:
+    import boto3  # imported here: it is slow to import and only S3 sources need it
+    import botocore.exceptions
+
+    parsed = urlparse(uri)
+    try:
+        boto3.client("s3").download_fileobj(parsed.netloc, parsed.path.lstrip("/"), f)
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+        raise DataError(
+            f"{uri}: download failed ({e}); check the bucket and key, and the AWS_* environment "
+            "variables (credentials, AWS_ENDPOINT_URL for MinIO)"
+        ) from None
+
+
+def _omniglot_files(split: str, path: Path) -> list[tuple[str, Path]]:
+    """The files that make up one split, labelled by their path in the official layout."""
+    top = f"images_{split}"
+    if path.is_file():
+        return [(f"{top}.zip", path)]
+    return sorted((f"{top}/{p.relative_to(path).as_posix()}", p) for p in path.glob("*/*/*"))
+
+
+def _omniglot_classes(split: str, path: Path, files: list[tuple[str, Path]], stack: contextlib.ExitStack) -> _Classes:
+    """The classes of one split, from its zip or from the `files` of its extracted folder."""
+    top = f"images_{split}"
+    if path.is_file():
+        try:
+            archive = stack.enter_context(zipfile.ZipFile(path))
+        except (OSError, zipfile.BadZipFile) as e:
+            raise DataError(f"{path}: not a readable zip file ({e}); replace it with a complete copy") from None
+        members = {m: (f"{path}: member {m}", functools.partial(archive.read, m)) for m in archive.namelist()}
+    else:
+        members = {m: (str(p), p.read_bytes) for m, p in files}
+    groups = defaultdict(list)
+    for member in sorted(members):
+        parts = member.split("/")
+        if len(parts) == 4 and parts[0] == top and _is_image(parts[3]):
+            groups[parts[1], parts[2]].append(members[member])
+    if not groups:
+        raise DataError(
+            f"{path}: holds no images in the Omniglot layout {top}/<Alphabet>/<characterNN>/<image>.png; "
+            f"use the official {top}.zip"
+        )
+    return [(f"{split}/{a}/{c}", items) for (a, c), items in sorted(groups.items())]
+
+
+def _cached(kind: str, key_files: list[tuple[str, Path]], classes: Callable[[], _Classes]) -> ImageClasses:
+    """Loads the cache entry for the content of `key_files`, first building it from `classes()`
+    if no process has yet (listing the classes is left until then: it is slow for big zips)."""
+    key = hashlib.sha256(f"{_PREPROCESSING}\0{kind}\0".encode())
+    for label, path in key_files:
+        try:
+            with open(path, "rb") as f:
+                key.update(label.encode() + b"\0" + hashlib.file_digest(f, "sha256").digest())
+        except OSError as e:
+            raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    entries = cache_dir() / "images"
+    entry = entries / key.hexdigest()[:32]
+    if not entry.is_dir():
+        try:
+            entries.mkdir(parents=True, exist_ok=True)
+            with open(entries / f"{entry.name}.lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not entry.is_dir():  # another process may have built it while we waited
+                    _build_entry(entry, classes())
+        except OSError as e:
+            raise DataError(
+                f"cannot write the image cache in {entries} ({e}); set METAPLATFORM_CACHE to a writable folder"
+            ) from None
+    index = json.loads((entry / "index.json").read_text())
+    return ImageClasses(
+        images=np.load(entry / "images.npy", mmap_mode="r"),
+        offsets=np.asarray(index["offsets"], dtype=np.int64),
+        names=tuple(index["names"]),
+    )
+
+
+def _build_entry(entry: Path, classes: _Classes) -> None:
+    """Decodes all images, then publishes them as `entry/` with one atomic rename."""
+    # We hold the lock, so temp folders of this entry are left over from builders that crashed.
+    for stale in entry.parent.glob(f".tmp-{entry.name}-*"):
+        shutil.rmtree(stale)
+    counts = [len(items) for _, items in classes]
+    images = np.empty((sum(counts), IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+    for i, (where, read) in enumerate(item for _, items in classes for item in items):
+        images[i] = _preprocess(read, where)
+    offsets = [0, *np.cumsum(counts).tolist()]
+    index = {"preprocessing": _PREPROCESSING, "offsets": offsets, "names": [name for name, _ in classes]}
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=entry.parent))
+    try:
+        with open(tmp / "images.npy", "wb") as f:
+            np.save(f, images)
+            _sync(f)
+        with open(tmp / "index.json", "w") as f:
+            json.dump(index, f)
+            _sync(f)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        os.rename(tmp, entry)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _sync(f) -> None:
+    """Puts a file's data on disk, so the rename that publishes it never exposes a torn file."""
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _preprocess(read: Callable[[], bytes], where: str) -> np.ndarray:
+    """One image as (28, 28) uint8 with ink high: grayscale on white, LANCZOS-resized, inverted."""
+    try:
+        with Image.open(io.BytesIO(read())) as img:
+            if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+                img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
+            small = img.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, Image.DecompressionBombError) as e:
+        raise DataError(f"{where}: cannot read the image ({e}); replace or remove the file") from None
+    return 255 - np.asarray(small, dtype=np.uint8)
