@@ -7,6 +7,7 @@ Every problem is reported as one line naming the field, the value given and the 
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +16,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 ALGORITHMS = ("maml", "fomaml", "reptile", "protonet", "anil", "metasgd")
 TASK_KINDS = ("sinusoid", "omniglot", "folder")
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads exponent floats without a dot (`1e-3`, YAML 1.2) as floats, not strings."""
+
+
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper that quotes strings `_Loader` would read as floats, so `to_yaml()` output loads back equal."""
+
+
+for _cls in (_Loader, _Dumper):
+    _cls.add_implicit_resolver(
+        "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+    )
 
 
 class ConfigError(Exception):
@@ -26,7 +41,7 @@ class ConfigError(Exception):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True, allow_inf_nan=False)
 
 
 class TaskConfig(_Section):
@@ -108,7 +123,7 @@ class RunConfig(_Section):
         return self.optim.first_order or self.algorithm == "fomaml"
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return yaml.dump(self.model_dump(mode="json"), Dumper=_Dumper, sort_keys=False)
 
 
 def _dotted_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -145,7 +160,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except OSError as e:
         raise ConfigError([f"{path}: cannot read config file: {e.strerror}"]) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -163,9 +178,12 @@ def _apply_override(data: dict[str, Any], override: str) -> str | None:
     if not sep or not key:
         return f"override '{override}': expected key=value, e.g. optim.inner_lr=0.4"
     if key not in _dotted_keys(RunConfig):
+        fields = [k for k in _dotted_keys(RunConfig) if k.startswith(key + ".")]
+        if fields:  # a whole section: `optim=...`
+            return f"override '{override}': '{key}' is a section, not a key; set one of its keys, e.g. {fields[0]}=..."
         return _unknown_key(key, f"override '{override}'")
     try:
-        value = yaml.safe_load(raw) if raw else None
+        value = yaml.load(raw, Loader=_Loader) if raw else None
     except yaml.YAMLError:
         value = raw
     node = data
@@ -182,16 +200,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
     """YAML file (or the embedded defaults) plus `key=value` overrides, validated and checked."""
     source = str(path) if path else "config"
     data = _read_yaml(Path(path)) if path else {}
+    # Every problem is reported at once: bad overrides, then bad fields, then cross-field rules.
     problems = [p for p in (_apply_override(data, o) for o in overrides) if p]
-    if problems:
-        raise ConfigError(problems)
     try:
         config = RunConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_validation_problems(e, source)) from None
-    problems = check(config)
+        raise ConfigError(problems + _validation_problems(e, source)) from None
+    problems += [f"{source}: {p}" for p in check(config)]
     if problems:
-        raise ConfigError([f"{source}: {p}" for p in problems])
+        raise ConfigError(problems)
     return config
 
 
@@ -204,16 +221,16 @@ def check(config: RunConfig) -> list[str]:
     if config.classification:
         if config.model.kind == "mlp" and t.kind == "omniglot":
             problems.append("model.kind = 'mlp': Omniglot tasks need model.kind 'conv4'")
-        for split in ("train", "val", "test"):
-            try:
-                n = tasks.num_classes(t, split)
-            except DataError as e:
-                problems.append(f"task.data = {t.data!r}: {e}")
-                break
+        try:
+            counts = [(split, tasks.num_classes(t, split)) for split in ("train", "val", "test")]
+            per_class = tasks.images_per_class(t)
+        except DataError as e:
+            problems.append(f"task.data = {t.data!r}: {e}")
+            counts, per_class = [], None
+        for split, n in counts:
             if t.ways > n:
                 problems.append(f"task.ways = {t.ways}: more than the {n} classes of the {t.kind} {split} split")
                 break
-        per_class = tasks.images_per_class(t)
         if per_class is not None and t.shots + t.query > per_class:
             problems.append(
                 f"task.shots + task.query = {t.shots} + {t.query}: more than the {per_class} images per {t.kind} class"
