@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from platform.config import TaskConfig
-from platform.data import DataError, ImageClasses, load_image_folder, load_omniglot
+from platform.data import DataError, ImageClasses, _is_image, load_image_folder, load_omniglot
 
 import numpy as np
 import torch
@@ -127,10 +127,11 @@ def _folder_root(config: TaskConfig) -> Path:
 
 
 def _folder_class_dirs(config: TaskConfig) -> list[Path]:
+    """The class folders load_image_folder reads (hidden ones are skipped there too)."""
     root = _folder_root(config)
     if not root.is_dir():
         raise DataError(f"{root}: no such folder")
-    return sorted(p for p in root.iterdir() if p.is_dir())
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def num_classes(config: TaskConfig, split: str) -> int:
@@ -147,7 +148,8 @@ def images_per_class(config: TaskConfig) -> int | None:
     if config.kind == "omniglot":
         return OMNIGLOT_IMAGES_PER_CLASS
     if config.kind == "folder":
-        return min((sum(1 for f in d.iterdir() if f.is_file()) for d in _folder_class_dirs(config)), default=0)
+        counts = (sum(1 for f in d.iterdir() if f.is_file() and _is_image(f.name)) for d in _folder_class_dirs(config))
+        return min(counts, default=0)
     return None
 
 

@@ -1,0 +1,524 @@
+"""Correctness of the meta-gradients in platform.algorithms, against independent computations.
+
+Everything that is compared against an unrolled computation or finite differences runs in float64
+on tiny models: the algorithms only see the model through `functional_call`, so float64 parameters
+and inputs give float64 results whatever the module's own dtype.
+"""
+
+from platform.algorithms import (
+    INNER_LR,
+    GradientMetaLearner,
+    PrototypicalNetwork,
+    Reptile,
+    build_algorithm,
+)
+from platform.config import RunConfig
+from platform.models import MLP, Conv4
+from platform.tasks import Task
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+TIGHT = {"rtol": 1e-9, "atol": 1e-12}
+
+
+# --- tiny models, tasks and an independent forward pass -------------------------------------------
+
+
+def mlp(in_features: int = 1, width: int = 8, out: int | None = 1, seed: int = 0) -> MLP:
+    torch.manual_seed(seed)
+    return MLP(in_features, width, out)
+
+
+def double(params: dict) -> dict:
+    return {k: v.detach().double() for k, v in params.items()}
+
+
+def regression_task(seed: int, shots: int = 5, query: int = 7) -> Task:
+    g = torch.Generator().manual_seed(seed)
+    amplitude, phase = 0.5 + 2 * torch.rand((), generator=g), 3 * torch.rand((), generator=g)
+    x = 10 * torch.rand(shots + query, 1, generator=g, dtype=torch.float64) - 5
+    y = amplitude * torch.sin(x - phase)
+    return Task(x[:shots], y[:shots], x[shots:], y[shots:])
+
+
+def image_task(seed: int, ways: int = 3, shots: int = 2, query: int = 3, size: int = 4, shuffle: bool = False) -> Task:
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.rand(ways, 1, size, size, generator=g, dtype=torch.float64)
+
+    def draw(per_class: int):
+        y = torch.arange(ways).repeat_interleave(per_class)
+        if shuffle:
+            y = y[torch.randperm(len(y), generator=g)]
+        x = centers[y] + 0.3 * torch.rand(len(y), 1, size, size, generator=g, dtype=torch.float64)
+        return x, y
+
+    return Task(*draw(shots), *draw(query))
+
+
+def forward(p: dict, x: torch.Tensor) -> torch.Tensor:
+    """MLP.forward written out, so the references do not go through the module."""
+    h = x.flatten(1)
+    h = F.relu(F.linear(h, p["body.1.weight"], p["body.1.bias"]))
+    h = F.relu(F.linear(h, p["body.3.weight"], p["body.3.bias"]))
+    return F.linear(h, p["head.weight"], p["head.bias"]) if "head.weight" in p else h
+
+
+def body(p: dict, x: torch.Tensor) -> torch.Tensor:
+    return forward({k: v for k, v in p.items() if k.startswith("body.")}, x)
+
+
+def head(p: dict, z: torch.Tensor) -> torch.Tensor:
+    return F.linear(z, p["head.weight"], p["head.bias"])
+
+
+def loss_fn(classification: bool):
+    return F.cross_entropy if classification else F.mse_loss
+
+
+def leaves(params: dict) -> dict:
+    return {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+
+
+def sgd(fast: dict, names: list[str], loss: torch.Tensor, lr, create_graph: bool) -> dict:
+    """One explicit gradient step on `names`; `lr` is a float or a dict of per-parameter rates."""
+    grads = torch.autograd.grad(loss, [fast[k] for k in names], create_graph=create_graph)
+    rate = lr if isinstance(lr, dict) else dict.fromkeys(names, lr)
+    return fast | {k: fast[k] - rate[k] * g for k, g in zip(names, grads)}
+
+
+def maml_reference(params, task, lr, steps, classification=False, first_order=False):
+    """(meta-gradient, query loss) of MAML, unrolled by hand."""
+    theta = leaves(params)
+    fast, loss = dict(theta), loss_fn(classification)
+    for _ in range(steps):
+        if first_order:  # the adapted params as a function of theta: theta - lr * (constant gradients)
+            fast = sgd(fast, list(fast), loss(forward(fast, task.support_x), task.support_y), lr, False)
+        else:
+            fast = sgd(fast, list(fast), loss(forward(fast, task.support_x), task.support_y), lr, True)
+    query = loss(forward(fast, task.query_x), task.query_y)
+    return dict(zip(theta, torch.autograd.grad(query, list(theta.values())))), query.detach()
+
+
+def adapted_query_loss(params, task, lr, steps, classification=False) -> float:
+    """The MAML objective as a plain function of the initial parameters (for finite differences)."""
+    fast, loss = leaves(params), loss_fn(classification)
+    for _ in range(steps):
+        fast = leaves(sgd(fast, list(fast), loss(forward(fast, task.support_x), task.support_y), lr, False))
+    with torch.no_grad():
+        return loss(forward(fast, task.query_x), task.query_y).item()
+
+
+def directional_fd(f, params: dict, direction: dict, eps: float = 1e-6) -> float:
+    plus = {k: v + eps * direction[k] for k, v in params.items()}
+    minus = {k: v - eps * direction[k] for k, v in params.items()}
+    return (f(plus) - f(minus)) / (2 * eps)
+
+
+def random_directions(params: dict, count: int, seed: int = 123) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    return [{k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in params.items()} for _ in range(count)]
+
+
+def dot(a: dict, b: dict) -> float:
+    return sum((a[k] * b[k]).sum().item() for k in a)
+
+
+def assert_params_close(actual: dict, expected: dict, **tolerance) -> None:
+    assert list(actual) == list(expected)
+    for k, value in expected.items():
+        torch.testing.assert_close(actual[k], value, **(tolerance or TIGHT), msg=k)
+
+
+def maml(model, inner_lr=0.1, steps=1, first_order=False, classification=False, **kw) -> GradientMetaLearner:
+    return GradientMetaLearner(model, inner_lr, steps, first_order, classification, **kw)
+
+
+# --- float64 through functional_call ---------------------------------------------------------------
+
+
+def test_float64_params_through_functional_call():
+    model = mlp()
+    params = double(dict(model.named_parameters()))
+    x = regression_task(0).support_x
+    out = functional_call(model, params, (x,))
+    assert out.dtype == torch.float64
+    assert next(model.parameters()).dtype == torch.float32  # the module itself is untouched
+    torch.testing.assert_close(out, forward(params, x), **TIGHT)
+    torch.testing.assert_close(out, mlp().double()(x), **TIGHT)
+
+
+# --- MAML ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_maml_meta_gradient_matches_unrolled_and_finite_differences(steps):
+    model = mlp()
+    algo = maml(model, inner_lr=0.1, steps=steps)
+    params = double(algo.init_params())
+    task = regression_task(1)
+
+    grads, metrics = algo.outer_grad(params, [task])
+    expected, query_loss = maml_reference(params, task, 0.1, steps)
+    assert_params_close(grads, expected)
+    assert all(g.dtype == torch.float64 for g in grads.values())
+    assert metrics["tasks"] == 1 and metrics["loss"] == pytest.approx(query_loss.item(), rel=1e-12)
+
+    objective = lambda p: adapted_query_loss(p, task, 0.1, steps)
+    for d in random_directions(params, 3):
+        assert dot(grads, d) == pytest.approx(directional_fd(objective, params, d), rel=1e-6, abs=1e-9)
+
+    # The second-order term matters here, so the checks above tell MAML from first-order MAML.
+    first_order, _ = maml_reference(params, task, 0.1, steps, first_order=True)
+    assert max((grads[k] - first_order[k]).abs().max().item() for k in grads) > 1e-3
+
+
+def test_maml_classification_meta_gradient_matches_unrolled():
+    model = mlp(in_features=16, out=3)
+    algo = maml(model, inner_lr=0.5, steps=2, classification=True)
+    params = double(algo.init_params())
+    task = image_task(2)
+    grads, metrics = algo.outer_grad(params, [task])
+    expected, query_loss = maml_reference(params, task, 0.5, 2, classification=True)
+    assert_params_close(grads, expected)
+    assert metrics["loss"] == pytest.approx(query_loss.item(), rel=1e-12)
+    objective = lambda p: adapted_query_loss(p, task, 0.5, 2, classification=True)
+    for d in random_directions(params, 2):
+        assert dot(grads, d) == pytest.approx(directional_fd(objective, params, d), rel=1e-6, abs=1e-9)
+
+
+def test_maml_conv4_batchnorm_meta_gradient_matches_finite_differences():
+    """Conv4 (batch-statistics BatchNorm, max-pooling) on 28x28 images: finite differences and unrolled."""
+    torch.manual_seed(0)
+    model = Conv4(1, 4, 2)
+    algo = maml(model, inner_lr=0.3, steps=1, classification=True)
+    params = double(algo.init_params())
+    task = image_task(3, ways=2, shots=2, query=2, size=28)
+    grads, _ = algo.outer_grad(params, [task])
+
+    def objective(p):
+        fast = leaves(p)
+        loss = F.cross_entropy(functional_call(model, fast, (task.support_x,)), task.support_y)
+        fast = sgd(fast, list(fast), loss, 0.3, False)
+        with torch.no_grad():
+            return F.cross_entropy(functional_call(model, fast, (task.query_x,)), task.query_y).item()
+
+    # A small step: with thousands of ReLU and max-pool units a step of 1e-6 already crosses a kink here.
+    for d in random_directions(params, 2):
+        assert dot(grads, d) == pytest.approx(directional_fd(objective, params, d, eps=1e-7), rel=1e-6, abs=1e-8)
+
+    theta = leaves(params)
+    loss = F.cross_entropy(functional_call(model, theta, (task.support_x,)), task.support_y)
+    fast = sgd(theta, list(theta), loss, 0.3, True)
+    query = F.cross_entropy(functional_call(model, fast, (task.query_x,)), task.query_y)
+    assert_params_close(grads, dict(zip(theta, torch.autograd.grad(query, list(theta.values())))))
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_first_order_maml_drops_the_second_order_term(steps):
+    model = mlp()
+    algo = maml(model, inner_lr=0.1, steps=steps, first_order=True)
+    params = double(algo.init_params())
+    task = regression_task(4)
+    grads, _ = algo.outer_grad(params, [task])
+
+    # Independently: adapt without any graph, then the query-loss gradient at the adapted params.
+    fast = leaves(params)
+    for _ in range(steps):
+        fast = leaves(sgd(fast, list(fast), F.mse_loss(forward(fast, task.support_x), task.support_y), 0.1, False))
+    query = F.mse_loss(forward(fast, task.query_x), task.query_y)
+    expected = dict(zip(fast, torch.autograd.grad(query, list(fast.values()))))
+    assert_params_close(grads, expected)
+
+
+# --- Reptile ---------------------------------------------------------------------------------------
+
+
+def reptile_difference(params, task, lr, steps) -> dict:
+    """theta - theta_adapted: `steps` full-batch SGD steps on support + query together."""
+    x, y = torch.cat([task.support_x, task.query_x]), torch.cat([task.support_y, task.query_y])
+    fast = leaves(params)
+    for _ in range(steps):
+        fast = leaves(sgd(fast, list(fast), F.mse_loss(forward(fast, x), y), lr, False))
+    return {k: params[k] - fast[k].detach() for k in params}
+
+
+def test_reptile_outer_grad_is_sum_of_parameter_differences():
+    model = mlp()
+    algo = Reptile(model, inner_lr=0.05, inner_steps=3, first_order=True, classification=False)
+    params = double(algo.init_params())
+    tasks = [regression_task(s) for s in (5, 6, 7)]
+    grads, metrics = algo.outer_grad(params, tasks)
+    diffs = [reptile_difference(params, t, 0.05, 3) for t in tasks]
+    expected = {k: diffs[0][k] + diffs[1][k] + diffs[2][k] for k in params}
+    assert_params_close(grads, expected)
+    assert metrics["tasks"] == 3
+    assert all(expected[k].abs().max() > 0 for k in expected)
+
+
+def test_reptile_driver_average(monkeypatch):
+    """Through the engine's worker and the driver's formula: rows summed in chunk order / meta_batch."""
+    from platform import engine
+    from platform.tasks import task_sampler
+
+    config = RunConfig.model_validate(
+        {
+            "task": {"kind": "sinusoid", "shots": 5, "query": 5},
+            "model": {"kind": "mlp", "width": 8},
+            "algorithm": "reptile",
+            "optim": {"inner_lr": 0.02, "inner_steps": 2, "meta_batch": 3, "chunk": 2},
+            "resources": {"workers": 1},
+        }
+    )
+    threads = torch.get_num_threads()
+    try:
+        worker = engine.AdaptationWorker(config.model_dump(mode="json"))
+    finally:
+        torch.set_num_threads(threads)  # the worker pins its process to cpus_per_worker threads
+    _, _, initial = engine.build(config)
+    seeds = [11, 12, 13]
+    rows = worker.outer_grads(engine.flatten(initial), engine.chunked(seeds, config.optim.chunk))
+    assert rows.shape[0] == 2
+    size = len(engine.flatten(initial))
+    average = engine.unflatten(rows[:, :size].sum(axis=0) / config.optim.meta_batch, initial)
+
+    sampler = task_sampler(config.task, "train")
+    diffs = [reptile_difference(initial, sampler.sample(s), 0.02, 2) for s in seeds]
+    expected = {k: sum(d[k] for d in diffs) / len(seeds) for k in initial}
+    assert_params_close(average, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_build_algorithm_from_config():
+    model = mlp()
+    built = {name: build_algorithm(RunConfig(algorithm=name), model) for name in ("maml", "fomaml", "reptile")}
+    assert type(built["maml"]) is GradientMetaLearner and not built["maml"].first_order
+    assert built["fomaml"].first_order and type(built["reptile"]) is Reptile and built["reptile"].first_order
+    assert build_algorithm(RunConfig.model_validate({"optim": {"first_order": True}}), model).first_order
+    anil = build_algorithm(RunConfig(algorithm="anil"), model)
+    assert anil.head_only and not anil.learn_inner_lr and not anil.first_order
+    metasgd = build_algorithm(RunConfig(algorithm="metasgd"), model)
+    assert metasgd.learn_inner_lr and not metasgd.head_only
+    assert isinstance(build_algorithm(RunConfig(algorithm="protonet"), mlp(out=None)), PrototypicalNetwork)
+    config = RunConfig.model_validate({"task": {"kind": "omniglot"}, "optim": {"inner_lr": 0.4, "inner_steps": 5}})
+    algo = build_algorithm(config, model)
+    assert algo.classification and algo.inner_lr == 0.4 and algo.inner_steps == 5
+
+
+# --- Prototypical Networks -------------------------------------------------------------------------
+
+
+def protonet_reference_logits(params, task) -> torch.Tensor:
+    support, query = body(params, task.support_x), body(params, task.query_x)
+    ways = int(task.support_y.max()) + 1
+    prototypes = torch.stack([support[task.support_y == c].mean(0) for c in range(ways)])
+    return -(torch.cdist(query, prototypes) ** 2)
+
+
+def test_protonet_logits_and_outer_grad():
+    model = mlp(in_features=16, out=None)
+    algo = PrototypicalNetwork(model)
+    params = double(algo.init_params())
+    assert all(k.startswith("body.") for k in params)
+    task = image_task(8, ways=3, shots=3, query=2, shuffle=True)  # labels not grouped by class
+    torch.testing.assert_close(algo.logits(params, task), protonet_reference_logits(params, task), **TIGHT)
+
+    grads, metrics = algo.outer_grad(params, [task])
+    theta = leaves(params)
+    loss = F.cross_entropy(protonet_reference_logits(theta, task), task.query_y)
+    assert_params_close(grads, dict(zip(theta, torch.autograd.grad(loss, list(theta.values())))))
+    assert metrics["loss"] == pytest.approx(loss.item(), rel=1e-12)
+    d = random_directions(params, 1)[0]
+    objective = lambda p: F.cross_entropy(protonet_reference_logits(p, task), task.query_y).item()
+    assert dot(grads, d) == pytest.approx(directional_fd(objective, params, d), rel=1e-6, abs=1e-9)
+
+    m = algo.evaluate(params, task, steps=0)
+    assert m["loss"] == pytest.approx(loss.item(), rel=1e-12) and 0.0 <= m["accuracy"] <= 1.0
+
+
+# --- ANIL ------------------------------------------------------------------------------------------
+
+
+def test_anil_adapts_only_the_head():
+    model = mlp(in_features=16, out=3)
+    algo = maml(model, inner_lr=0.5, steps=3, classification=True, head_only=True)
+    params = double(algo.init_params())
+    task = image_task(9)
+    z = algo._encode(params, task.support_x)
+    adapted = algo.adapt(leaves(params), z, task.support_y, 3, create_graph=False)
+    assert list(adapted) == list(params)
+    for k in params:
+        if k.startswith("head."):
+            assert not torch.equal(adapted[k], params[k]), k
+        else:
+            assert torch.equal(adapted[k], params[k]), k
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_anil_meta_gradient_matches_head_only_unrolled(first_order):
+    model = mlp(in_features=16, out=3)
+    algo = maml(model, inner_lr=0.5, steps=2, classification=True, head_only=True, first_order=first_order)
+    params = double(algo.init_params())
+    task = image_task(10)
+    grads, _ = algo.outer_grad(params, [task])
+
+    theta = leaves(params)
+    zs, zq = body(theta, task.support_x), body(theta, task.query_x)
+    fast, names = dict(theta), ["head.weight", "head.bias"]
+    for _ in range(2):
+        fast = sgd(fast, names, F.cross_entropy(head(fast, zs), task.support_y), 0.5, not first_order)
+    query = F.cross_entropy(head(fast, zq), task.query_y)
+    expected = dict(zip(theta, torch.autograd.grad(query, list(theta.values()))))
+    assert_params_close(grads, expected)
+    assert all(grads[k].abs().max() > 0 for k in grads if k.startswith("body."))
+
+    if not first_order:
+
+        def objective(p):
+            fast = leaves(p)
+            for _ in range(2):
+                loss = F.cross_entropy(head(fast, body(fast, task.support_x)), task.support_y)
+                fast = leaves(sgd(fast, names, loss, 0.5, False))
+            with torch.no_grad():
+                return F.cross_entropy(head(fast, body(fast, task.query_x)), task.query_y).item()
+
+        for d in random_directions(params, 2):
+            assert dot(grads, d) == pytest.approx(directional_fd(objective, params, d), rel=1e-6, abs=1e-9)
+
+
+# --- Meta-SGD --------------------------------------------------------------------------------------
+
+
+def test_metasgd_init_params():
+    model = mlp()
+    algo = maml(model, inner_lr=0.03, learn_inner_lr=True)
+    params = algo.init_params()
+    names = [k for k, _ in model.named_parameters()]
+    assert sorted(params) == sorted(names + [INNER_LR + k for k in names])
+    for k, v in model.named_parameters():
+        assert torch.equal(params[k], v.detach())
+        rate = params[INNER_LR + k]
+        assert rate.shape == v.shape and torch.all(rate == 0.03)
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_metasgd_rate_gradient_matches_finite_differences(steps):
+    model = mlp()
+    algo = maml(model, inner_lr=0.05, steps=steps, learn_inner_lr=True)
+    params = double(algo.init_params())
+    g = torch.Generator().manual_seed(5)
+    # Rates that differ per element, so a mix-up of rates and parameters would show.
+    params = {
+        k: v * (0.5 + torch.rand(v.shape, generator=g, dtype=v.dtype)) if k.startswith(INNER_LR) else v
+        for k, v in params.items()
+    }
+    task = regression_task(11)
+    grads, _ = algo.outer_grad(params, [task])
+    names = [k for k in params if not k.startswith(INNER_LR)]
+
+    def unrolled(p, create_graph):
+        fast = dict(p)
+        rates = {k: p[INNER_LR + k] for k in names}
+        for _ in range(steps):
+            fast = sgd(fast, names, F.mse_loss(forward(fast, task.support_x), task.support_y), rates, create_graph)
+            if not create_graph:
+                fast = leaves(fast)
+        return F.mse_loss(forward(fast, task.query_x), task.query_y)
+
+    theta = leaves(params)
+    expected = dict(zip(theta, torch.autograd.grad(unrolled(theta, True), list(theta.values()))))
+    assert_params_close(grads, expected)
+
+    rates_only = [
+        {k: v if k.startswith(INNER_LR) else torch.zeros_like(v) for k, v in d.items()}
+        for d in random_directions(params, 3)
+    ]
+    objective = lambda p: unrolled(leaves(p), False).item()
+    for d in rates_only:
+        assert dot(grads, d) == pytest.approx(directional_fd(objective, params, d), rel=1e-6, abs=1e-10)
+    assert all(grads[INNER_LR + k].abs().max() > 0 for k in names)
+
+
+def test_first_order_metasgd_rate_gradient_closed_form():
+    """One first-order step: dL_q/d(rate) = -grad L_s(theta) * grad L_q(theta') elementwise."""
+    model = mlp()
+    algo = maml(model, inner_lr=0.05, steps=1, first_order=True, learn_inner_lr=True)
+    params = double(algo.init_params())
+    task = regression_task(12)
+    grads, _ = algo.outer_grad(params, [task])
+    names = [k for k in params if not k.startswith(INNER_LR)]
+    theta = leaves({k: params[k] for k in names})
+    support_loss = F.mse_loss(forward(theta, task.support_x), task.support_y)
+    support_grads = torch.autograd.grad(support_loss, list(theta.values()))
+    fast = leaves({k: theta[k] - params[INNER_LR + k] * g for k, g in zip(names, support_grads)})
+    query_grads = torch.autograd.grad(F.mse_loss(forward(fast, task.query_x), task.query_y), list(fast.values()))
+    for k, gs, gq in zip(names, support_grads, query_grads):
+        torch.testing.assert_close(grads[INNER_LR + k], -gs * gq, **TIGHT)
+        torch.testing.assert_close(grads[k], gq, **TIGHT)
+
+
+# --- chunking and evaluation -----------------------------------------------------------------------
+
+
+def algorithms() -> dict:
+    reg, cls = mlp(), mlp(in_features=16, out=3)
+    return {
+        "maml": (maml(reg, steps=2), False),
+        "fomaml": (maml(reg, steps=2, first_order=True), False),
+        "metasgd": (maml(reg, steps=2, learn_inner_lr=True), False),
+        "reptile": (Reptile(reg, 0.05, 3, True, False), False),
+        "anil": (maml(cls, inner_lr=0.5, steps=2, classification=True, head_only=True), True),
+        "protonet": (PrototypicalNetwork(mlp(in_features=16, out=None)), True),
+        "maml-conv4": (maml(Conv4(1, 4, 3), inner_lr=0.3, steps=1, classification=True), True),
+    }
+
+
+@pytest.mark.parametrize("name", list(algorithms()))
+def test_outer_grad_of_a_list_is_the_sum_over_its_tasks(name):
+    algo, classification = algorithms()[name]
+    params = double(algo.init_params())
+    if name == "maml-conv4":
+        tasks = [image_task(s, size=28) for s in (20, 21, 22)]
+    else:
+        tasks = [image_task(s, size=4) if classification else regression_task(s) for s in (20, 21, 22)]
+    together, metrics = algo.outer_grad(params, tasks)
+    alone = [algo.outer_grad(params, [t]) for t in tasks]
+    expected = {k: alone[0][0][k] + alone[1][0][k] + alone[2][0][k] for k in params}
+    assert_params_close(together, expected, rtol=1e-12, atol=1e-15)
+    assert metrics["tasks"] == 3
+    assert metrics["loss"] == pytest.approx(sum(m["loss"] for _, m in alone), rel=1e-12)
+    assert metrics["accuracy"] == pytest.approx(sum(m["accuracy"] for _, m in alone), rel=1e-12)
+    assert all(torch.equal(params[k], v) for k, v in double(algo.init_params()).items())  # inputs untouched
+
+
+def test_evaluate_regression_improves_on_an_easy_task():
+    model = mlp(width=16)
+    algo = maml(model, inner_lr=0.05, steps=1)
+    params = algo.init_params()
+    x = torch.linspace(-1, 1, 20).unsqueeze(1)
+    task = Task(x[::2], 0.5 * x[::2] + 0.3, x[1::2], 0.5 * x[1::2] + 0.3)
+    m = algo.evaluate(params, task, steps=50)
+    assert m["loss"] < 0.5 * m["loss_before"]
+    assert m["accuracy"] == 0.0 and m["accuracy_before"] == 0.0
+    zero = algo.evaluate(params, task, steps=0)
+    assert zero["loss"] == pytest.approx(zero["loss_before"])
+    assert zero["loss_before"] == pytest.approx(m["loss_before"])
+
+
+@pytest.mark.parametrize("kind", ["maml", "anil", "metasgd"])
+def test_evaluate_classification_accuracy_is_a_fraction(kind):
+    torch.manual_seed(0)
+    model = Conv4(1, 4, 3)
+    algo = maml(
+        model, inner_lr=0.3, steps=1, classification=True, head_only=kind == "anil", learn_inner_lr=kind == "metasgd"
+    )
+    params = algo.init_params()
+    task = image_task(30, ways=3, shots=2, query=4, size=28)
+    task = Task(*(t.float() if t.is_floating_point() else t for t in vars(task).values()))
+    m = algo.evaluate(params, task, steps=5)
+    assert set(m) == {"loss_before", "accuracy_before", "loss", "accuracy"}
+    for key in ("accuracy_before", "accuracy"):
+        assert 0.0 <= m[key] <= 1.0
+        assert (m[key] * 12) == pytest.approx(round(m[key] * 12))  # a count of the 12 query images
+    assert m["loss"] > 0 and m["loss_before"] > 0

@@ -1,0 +1,307 @@
+"""The task-seed contract of platform.tasks: a task is a pure function of (config, split, seed)."""
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+from platform import tasks
+from platform.config import TaskConfig
+from platform.data import load_omniglot
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SINUSOID = TaskConfig(kind="sinusoid", shots=10, query=15)
+OMNIGLOT = TaskConfig(kind="omniglot", ways=5, shots=1, query=3)  # data: $METAPLATFORM_OMNIGLOT
+
+
+def task_hash(task: tasks.Task) -> str:
+    h = hashlib.sha256()
+    for t in (task.support_x, task.support_y, task.query_x, task.query_y):
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode() + t.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def assert_same_task(a: tasks.Task, b: tasks.Task) -> None:
+    for x, y in zip(vars(a).values(), vars(b).values()):
+        assert x.dtype == y.dtype and torch.equal(x, y)
+
+
+def assert_different_tasks(a: tasks.Task, b: tasks.Task) -> None:
+    assert not torch.equal(a.support_x, b.support_x) and not torch.equal(a.query_x, b.query_x)
+
+
+# --- fixtures -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def omniglot_cache(tmp_path_factory) -> Path:
+    """The cache holding the full Omniglot decode (as in test_data.py), built once per session."""
+    return tmp_path_factory.mktemp("omniglot-cache")
+
+
+@pytest.fixture(scope="session")
+def omniglot(omniglot_source, omniglot_cache):
+    """The complete Omniglot set, decoded once per session (~8 s)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("METAPLATFORM_CACHE", str(omniglot_cache))
+        return load_omniglot(omniglot_source)
+
+
+@pytest.fixture
+def omniglot_env(omniglot, omniglot_source, omniglot_cache, monkeypatch) -> dict:
+    """Environment under which task_sampler finds Omniglot (through $METAPLATFORM_OMNIGLOT) in the warm cache."""
+    env = {"METAPLATFORM_OMNIGLOT": omniglot_source, "METAPLATFORM_CACHE": str(omniglot_cache)}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return env
+
+
+def image_folder(root: Path, counts: dict[str, int]) -> Path:
+    """root/<class>/<i>.png: `counts[class]` small gray images per class, each different."""
+    for c, (name, count) in enumerate(sorted(counts.items())):
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            pixels = np.full((12, 10), (37 * c + 11 * i) % 256, dtype=np.uint8)
+            pixels[i % 12, :] = 255 - pixels[0, 0]
+            Image.fromarray(pixels).save(root / name / f"{i:02d}.png")
+    return root
+
+
+# --- sinusoid -------------------------------------------------------------------------------------
+
+
+def test_sinusoid_same_seed_same_task():
+    a, b = tasks.task_sampler(SINUSOID, "train"), tasks.task_sampler(SINUSOID, "train")
+    assert_same_task(a.sample(7), a.sample(7))
+    assert_same_task(a.sample(7), b.sample(7))  # a separately built sampler
+    a.sample(8)  # sampling another task in between changes nothing: no hidden state
+    assert_same_task(a.sample(7), b.sample(7))
+    assert task_hash(a.sample(2**62 + 5)) == task_hash(b.sample(2**62 + 5))
+
+
+def test_sinusoid_different_seeds_and_splits_differ():
+    train = tasks.task_sampler(SINUSOID, "train")
+    assert_different_tasks(train.sample(0), train.sample(1))
+    samples = [tasks.task_sampler(SINUSOID, split).sample(3) for split in tasks.SPLITS]
+    for i in range(3):
+        for j in range(i + 1, 3):
+            assert_different_tasks(samples[i], samples[j])
+    assert len({task_hash(train.sample(s)) for s in range(50)}) == 50
+
+
+def test_sinusoid_shapes_and_ranges():
+    sampler = tasks.task_sampler(SINUSOID, "val")
+    amplitudes, phases = [], []
+    for seed in range(40):
+        t = sampler.sample(seed)
+        assert t.support_x.shape == t.support_y.shape == (10, 1)
+        assert t.query_x.shape == t.query_y.shape == (15, 1)
+        assert all(x.dtype == torch.float32 for x in vars(t).values())
+        x, y = torch.cat([t.support_x, t.query_x]).double(), torch.cat([t.support_y, t.query_y]).double()
+        assert x.abs().max() <= 5 and y.abs().max() <= 5
+        # y = A sin(x - phi) = (A cos phi) sin x - (A sin phi) cos x: support and query share A and phi.
+        basis = torch.cat([torch.sin(x), torch.cos(x)], dim=1)
+        coef = torch.linalg.lstsq(basis, y).solution.squeeze(1)
+        assert (basis @ coef - y.squeeze(1)).abs().max() < 1e-5
+        a, b = coef.tolist()
+        amplitudes.append(float(np.hypot(a, b)))
+        phases.append(float(np.arctan2(-b, a)))
+    assert 0.1 - 1e-5 <= min(amplitudes) and max(amplitudes) <= 5 + 1e-5
+    assert -1e-5 <= min(phases) and max(phases) <= np.pi + 1e-5
+    assert max(amplitudes) - min(amplitudes) > 2 and max(phases) - min(phases) > 1.5  # the ranges are used
+
+
+def test_sampler_rejects_unknown_split():
+    with pytest.raises(ValueError, match="split must be one of"):
+        tasks.task_sampler(SINUSOID, "validation")
+
+
+# --- task seeds -----------------------------------------------------------------------------------
+
+
+def test_iteration_seeds():
+    first = tasks.iteration_seeds(0, 0, 25)
+    assert first == tasks.iteration_seeds(0, 0, 25) and len(first) == 25
+    assert all(isinstance(s, int) and 0 <= s < 2**63 - 1 for s in first)
+    assert len(set(first)) == 25
+    assert tasks.iteration_seeds(0, 0, 10) == first[:10]  # a prefix does not depend on the count
+    later = [tasks.iteration_seeds(0, it, 25) for it in range(1, 20)]
+    assert all(set(s).isdisjoint(first) for s in later)
+    assert set(tasks.iteration_seeds(1, 0, 25)).isdisjoint(first)  # another run seed
+    assert tasks.evaluation_seeds(5) == [0, 1, 2, 3, 4]
+
+
+# --- Omniglot -------------------------------------------------------------------------------------
+
+
+def test_omniglot_standard_split_characters(omniglot):
+    parts = {split: tasks._omniglot_characters("standard", split) for split in tasks.SPLITS}
+    assert {k: len(v) for k, v in parts.items()} == {"train": 1028, "val": 172, "test": 423}
+    for split, chars in parts.items():
+        assert len(set(chars.tolist())) == len(chars)
+        assert tasks.num_classes(TaskConfig(kind="omniglot", split="standard"), split) == 4 * len(chars)
+    assert sorted(np.concatenate(list(parts.values())).tolist()) == list(range(len(omniglot))) == list(range(1623))
+    # Both the background and the evaluation alphabets are in meta-test (the split is a permutation of all).
+    test_names = {omniglot.names[c].split("/")[0] for c in parts["test"]}
+    assert test_names == {"background", "evaluation"}
+
+
+def test_omniglot_background_split_characters(omniglot):
+    parts = {split: tasks._omniglot_characters("background", split) for split in tasks.SPLITS}
+    evaluation = [c for c, name in enumerate(omniglot.names) if name.startswith("evaluation/")]
+    assert parts["test"].tolist() == evaluation and len(evaluation) == 659
+    background = sorted(parts["train"].tolist() + parts["val"].tolist())
+    assert background == [c for c, name in enumerate(omniglot.names) if name.startswith("background/")]
+    assert len(parts["val"]) == 100 and set(parts["train"].tolist()).isdisjoint(parts["val"].tolist())
+    config = TaskConfig(kind="omniglot", split="background")
+    assert [tasks.num_classes(config, s) for s in tasks.SPLITS] == [864 * 4, 100 * 4, 659 * 4]
+    assert tasks.images_per_class(config) == 20
+
+
+@pytest.mark.parametrize(("ways", "shots", "query"), [(5, 1, 3), (20, 5, 15)])
+def test_omniglot_task_shapes_and_labels(omniglot_env, ways, shots, query):
+    config = TaskConfig(kind="omniglot", ways=ways, shots=shots, query=query)
+    sampler = tasks.task_sampler(config, "train")
+    assert sampler.num_classes == 1028 * 4
+    for seed in (0, 1):
+        t = sampler.sample(seed)
+        assert t.support_x.shape == (ways * shots, 1, 28, 28) and t.query_x.shape == (ways * query, 1, 28, 28)
+        assert t.support_x.dtype == t.query_x.dtype == torch.float32
+        assert t.support_y.dtype == t.query_y.dtype == torch.int64
+        assert t.support_y.shape == (ways * shots,) and t.query_y.shape == (ways * query,)
+        assert torch.bincount(t.support_y, minlength=ways).tolist() == [shots] * ways
+        assert torch.bincount(t.query_y, minlength=ways).tolist() == [query] * ways
+        for x in (t.support_x, t.query_x):
+            assert x.min() >= 0 and x.max() <= 1 and x.max() == 1  # ink high, some full ink
+
+
+def test_omniglot_task_images_come_from_one_rotated_character_of_the_split(omniglot_env, omniglot):
+    """Each label's images are distinct images of one (character, rotation) of the split; all rotations occur."""
+    split = "test"
+    where = {}  # image bytes -> {(character, rotation, image index)} over the split's characters only
+    for c in tasks._omniglot_characters("standard", split):
+        for i, image in enumerate(omniglot.class_images(c)):
+            for r in range(4):
+                where.setdefault(np.rot90(image, k=r).tobytes(), set()).add((int(c), r, i))
+    sampler = tasks.task_sampler(TaskConfig(kind="omniglot", ways=5, shots=2, query=3), split)
+    rotations = set()
+    for seed in range(8):
+        t = sampler.sample(seed)
+        picked = []
+        for label in range(5):
+            x = torch.cat([t.support_x[t.support_y == label], t.query_x[t.query_y == label]])
+            found = [where.get(img.tobytes(), set()) for img in (x.squeeze(1) * 255).round().to(torch.uint8).numpy()]
+            classes = [{(c, r) for c, r, _ in f} for f in found]
+            common = classes[0].intersection(*classes[1:])
+            assert len(common) == 1, f"seed {seed}, label {label}: not one (character, rotation) of the {split} split"
+            [(c, r)] = common
+            assert len({i for f in found for cc, rr, i in f if (cc, rr) == (c, r)}) == 5  # without replacement
+            picked.append((c, r))
+            rotations.add(r)
+        assert len(set(picked)) == 5
+    assert rotations == {0, 1, 2, 3}
+
+
+def test_omniglot_seed_contract(omniglot_env):
+    a, b = tasks.task_sampler(OMNIGLOT, "train"), tasks.task_sampler(OMNIGLOT, "train")
+    assert_same_task(a.sample(11), a.sample(11))
+    assert_same_task(a.sample(11), b.sample(11))
+    assert_different_tasks(a.sample(11), a.sample(12))
+    samples = [tasks.task_sampler(OMNIGLOT, split).sample(11) for split in tasks.SPLITS]
+    for i in range(3):
+        for j in range(i + 1, 3):
+            assert_different_tasks(samples[i], samples[j])
+    seeds = tasks.iteration_seeds(0, 3, 4)
+    assert len({task_hash(a.sample(s)) for s in seeds}) == 4
+
+
+def test_same_task_in_a_separate_process(omniglot_env):
+    """A worker on another machine rebuilds the same task from the seed alone."""
+    seeds = [0, 99, 2**62 + 1]
+    script = """if True:
+        import hashlib, sys
+        from platform import tasks
+        from platform.config import TaskConfig
+
+        def task_hash(task):
+            h = hashlib.sha256()
+            for t in (task.support_x, task.support_y, task.query_x, task.query_y):
+                h.update(f"{t.dtype}{tuple(t.shape)}".encode() + t.contiguous().numpy().tobytes())
+            return h.hexdigest()
+
+        for kind, split in (("sinusoid", "train"), ("sinusoid", "test"), ("omniglot", "train"), ("omniglot", "val")):
+            config = TaskConfig(kind=kind, ways=5, shots=1, query=3) if kind == "omniglot" else TaskConfig(kind=kind)
+            sampler = tasks.task_sampler(config, split)
+            for seed in map(int, sys.argv[1:]):
+                print(task_hash(sampler.sample(seed)))
+    """
+    result = subprocess.run(
+        [sys.executable, "-c", script, *map(str, seeds)],
+        check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    expected = []
+    for config, split in ((SINUSOID, "train"), (SINUSOID, "test"), (OMNIGLOT, "train"), (OMNIGLOT, "val")):
+        config = TaskConfig(kind="sinusoid") if config.kind == "sinusoid" else config
+        sampler = tasks.task_sampler(config, split)
+        expected += [task_hash(sampler.sample(s)) for s in seeds]
+    assert result.stdout.split() == expected
+
+
+# --- the user's image folders ---------------------------------------------------------------------
+
+
+def test_folder_classes_and_images_per_class(tmp_path, monkeypatch):
+    monkeypatch.setenv("METAPLATFORM_CACHE", str(tmp_path / "cache"))
+    counts = {f"class{c:02d}": 4 + c % 3 for c in range(10)}  # 4, 5 or 6 images each
+    root = image_folder(tmp_path / "mine", counts)
+    config = TaskConfig(kind="folder", data=str(root), ways=2, shots=1, query=2)
+    sizes = {split: tasks.num_classes(config, split) for split in tasks.SPLITS}
+    assert sizes == {"train": 6, "val": 2, "test": 2}
+    assert tasks.images_per_class(config) == 4
+
+    chosen = {}
+    for split in tasks.SPLITS:
+        sampler = tasks.task_sampler(config, split)
+        assert sampler.num_classes == sizes[split]
+        chosen[split] = set(sampler.classes.tolist())
+        t = sampler.sample(0)
+        assert t.support_x.shape == (2, 1, 28, 28) and t.query_x.shape == (4, 1, 28, 28)
+        assert_same_task(t, tasks.task_sampler(config, split).sample(0))
+    assert set().union(*chosen.values()) == set(range(10))
+    assert sum(len(c) for c in chosen.values()) == 10
+
+
+def test_folder_ignores_hidden_folders_and_other_files(tmp_path, monkeypatch):
+    """What num_classes/images_per_class count (to check a config) is what the sampler loads."""
+    monkeypatch.setenv("METAPLATFORM_CACHE", str(tmp_path / "cache"))
+    root = image_folder(tmp_path / "mine", {f"c{c}": 3 for c in range(7)})
+    (root / ".thumbnails").mkdir()  # ignored by load_image_folder
+    (root / "c0" / "notes.txt").write_text("not an image")
+    (root / "c0" / ".DS_Store").write_bytes(b"junk")
+    (root / "README.txt").write_text("ignored")
+    config = TaskConfig(kind="folder", data=str(root))
+    assert tasks.images_per_class(config) == 3
+    for split in tasks.SPLITS:
+        assert tasks.num_classes(config, split) == tasks.task_sampler(config, split).num_classes
+    assert sum(tasks.num_classes(config, s) for s in tasks.SPLITS) == 7
+
+
+def test_folder_and_sinusoid_errors(tmp_path):
+    from platform.data import DataError
+
+    with pytest.raises(DataError, match="needs task.data"):
+        tasks.num_classes(TaskConfig(kind="folder"), "train")
+    with pytest.raises(DataError, match="no such folder"):
+        tasks.num_classes(TaskConfig(kind="folder", data=str(tmp_path / "absent")), "train")
+    with pytest.raises(ValueError, match="no classes"):
+        tasks.num_classes(SINUSOID, "train")
+    assert tasks.images_per_class(SINUSOID) is None
