@@ -112,12 +112,12 @@ def train(config: RunConfig) -> dict:
 
     connect_ray(config)
     stop = StopRequest()
-    pool = WorkerPool(config)
-    print(f"{len(pool.actors)} workers: " + ", ".join(f"pid {i['pid']} ({i['device']})" for i in pool.infos))
     size = len(flatten(params))
-    window_start, window_tasks, window_driver = time.perf_counter(), 0, 0.0
-    iteration = start
+    iteration, pool = start, None
     try:
+        pool = WorkerPool(config)
+        print(f"{len(pool.actors)} workers: " + ", ".join(f"pid {i['pid']} ({i['device']})" for i in pool.infos))
+        window_start, window_tasks, window_driver = time.perf_counter(), 0, 0.0
         while iteration < o.iterations:
             t0 = time.perf_counter()
             flat_ref = ray.put(flatten(params))
@@ -181,7 +181,8 @@ def train(config: RunConfig) -> dict:
         )
         sys.exit(1)
     finally:
-        pool.shutdown()
+        if pool is not None:
+            pool.shutdown()
     print(
         f"done: {iteration} iterations, {pool.failures} worker failures, {pool.restarts} restarts; final checkpoint {where}"
     )

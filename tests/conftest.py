@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -11,6 +12,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))  # tests/ray_cluster.py
+
+# Set before anything starts: the Ray head (and so every actor) and driver subprocesses inherit
+# them. One Omniglot cache for the whole session, so the full set is decoded once.
+OMNIGLOT_CACHE = Path(tempfile.mkdtemp(prefix="metaplatform-test-cache-"))
+os.environ.setdefault("METAPLATFORM_OMNIGLOT", str(REPO.parent / "shared" / "data" / "omniglot"))
+os.environ["METAPLATFORM_CACHE"] = str(OMNIGLOT_CACHE)
 
 
 def free_port() -> int:
@@ -32,10 +40,40 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
 @pytest.fixture(scope="session")
 def omniglot_source() -> str:
     """The complete Omniglot set beside the project (`../shared/data/omniglot`) or $METAPLATFORM_OMNIGLOT."""
-    source = os.environ.get("METAPLATFORM_OMNIGLOT") or str(REPO.parent / "shared" / "data" / "omniglot")
+    source = os.environ["METAPLATFORM_OMNIGLOT"]
     if not (Path(source) / "images_background.zip").is_file():
         pytest.fail(f"Omniglot not found at {source}: set METAPLATFORM_OMNIGLOT to a folder with the two zips")
     return source
+
+
+@pytest.fixture(scope="session")
+def omniglot_cache() -> Path:
+    """The session's cache folder, where the full Omniglot decode is built once."""
+    return OMNIGLOT_CACHE
+
+
+@pytest.fixture(scope="session")
+def omniglot(omniglot_source, omniglot_cache):
+    """The complete Omniglot set, decoded once per session into the session cache."""
+    from platform.data import load_omniglot
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("METAPLATFORM_CACHE", str(omniglot_cache))
+        return load_omniglot(omniglot_source)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(omniglot):
+    """The session's one Ray head on loopback (token auth, 4 logical CPUs, dashboard + job server).
+
+    Connect from a *subprocess* started with `env=ray_cluster.subprocess_env()`: it carries
+    RAY_ADDRESS, RAY_API_SERVER_ADDRESS, RAY_AUTH_MODE=token and RAY_AUTH_TOKEN, which Ray reads
+    when it is imported. Omniglot is decoded first, so actors find it in the shared cache.
+    """
+    from ray_cluster import LocalRayCluster
+
+    with LocalRayCluster(num_cpus=4) as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="session")

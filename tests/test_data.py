@@ -103,20 +103,6 @@ def cache(tmp_path, monkeypatch) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def omniglot_cache(tmp_path_factory) -> Path:
-    """The cache holding the full Omniglot decode, built once per session."""
-    return tmp_path_factory.mktemp("omniglot-cache")
-
-
-@pytest.fixture(scope="session")
-def omniglot(omniglot_source, omniglot_cache) -> data.ImageClasses:
-    """The complete Omniglot set, decoded once per session."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("METAPLATFORM_CACHE", str(omniglot_cache))
-        return data.load_omniglot(omniglot_source)
-
-
 @pytest.fixture
 def small_zips(tmp_path) -> Path:
     return write_zips(tmp_path / "small", omniglot_members())

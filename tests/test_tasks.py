@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 from platform import tasks
 from platform.config import TaskConfig
-from platform.data import load_omniglot
 
 import numpy as np
 import pytest
@@ -35,20 +34,6 @@ def assert_different_tasks(a: tasks.Task, b: tasks.Task) -> None:
 
 
 # --- fixtures -------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def omniglot_cache(tmp_path_factory) -> Path:
-    """The cache holding the full Omniglot decode (as in test_data.py), built once per session."""
-    return tmp_path_factory.mktemp("omniglot-cache")
-
-
-@pytest.fixture(scope="session")
-def omniglot(omniglot_source, omniglot_cache):
-    """The complete Omniglot set, decoded once per session (~8 s)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("METAPLATFORM_CACHE", str(omniglot_cache))
-        return load_omniglot(omniglot_source)
 
 
 @pytest.fixture
