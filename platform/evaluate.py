@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     result = evaluate(state, args.split, args.tasks, steps)
     print(
         f"{config.algorithm} on {config.task.kind} ({args.split} split), iteration {state['iteration']}, "
-        f"{args.tasks} tasks, {steps} inner steps: {format_eval(result, config.classification)} "
+        f"{args.tasks} tasks{'' if config.algorithm == 'protonet' else f', {steps} inner steps'}: "
+        f"{format_eval(result, config.classification)} "
         f"(95% CI, {time.perf_counter() - start:.1f}s)"
     )
     return 0
