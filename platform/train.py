@@ -15,7 +15,7 @@ import sys
 import time
 from platform.checkpoint import CheckpointStore
 from platform.cli import config_parser, run
-from platform.config import RunConfig, load_config
+from platform.config import ConfigError, RunConfig, load_config
 from platform.engine import (
     GRAD_METRICS,
     WorkerFailureError,
@@ -77,6 +77,34 @@ class StopRequest:
         signal.signal(signum, signal.SIG_DFL)
 
 
+def resume_conflicts(saved: dict, config: RunConfig) -> list[str]:
+    """Settings that must not change between a checkpoint and the run resuming from it."""
+    now = config.model_dump(mode="json")
+    conflicts = []
+    for section in ("seed", "task", "model", "algorithm", "optim"):
+        before, after = saved.get(section), now[section]
+        if isinstance(after, dict):
+            keys = [k for k in after if (section, k) != ("optim", "iterations")]
+            pairs = [(f"{section}.{k}", before.get(k), after[k]) for k in keys]
+        else:
+            pairs = [(section, before, after)]
+        conflicts += [f"{key} = {a!r}: the checkpoint was trained with {b!r}" for key, b, a in pairs if a != b]
+    return conflicts
+
+
+def apply_meta_gradient(params: dict, rows: np.ndarray, config: RunConfig, optimizer, scheduler) -> None:
+    """Sum the chunk rows in chunk order, average over the meta-batch, clip, step."""
+    grad = torch.from_numpy(rows[:, : -len(GRAD_METRICS)].sum(axis=0) / config.optim.meta_batch)
+    start = 0
+    for p in params.values():
+        p.grad = grad[start : start + p.numel()].view_as(p).clone()
+        start += p.numel()
+    if config.optim.grad_clip:
+        torch.nn.utils.clip_grad_norm_(list(params.values()), config.optim.grad_clip)
+    optimizer.step()
+    scheduler.step()
+
+
 def train(config: RunConfig) -> dict:
     """Meta-train per `config`; returns the final checkpoint state."""
     o = config.optim
@@ -84,21 +112,24 @@ def train(config: RunConfig) -> dict:
     _, _, initial = build(config)
     params = {k: torch.nn.Parameter(v) for k, v in initial.items()}
     optimizer, scheduler = make_optimizer(config, list(params.values()))
-    start, history = 0, []
+    iteration, history = 0, []
     if config.checkpoint.resume:
         if store.latest() is None:
             print(f"no checkpoint in {config.checkpoint.dir}: starting from iteration 0")
         else:
             state = store.load()
+            conflicts = resume_conflicts(state["config"], config)
+            if conflicts:
+                raise ConfigError([f"--resume from {store.location}: {c}" for c in conflicts])
             with torch.no_grad():
                 for k, v in state["params"].items():
                     params[k].copy_(v)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-            start, history = state["iteration"], state["history"]
-            print(f"resumed from {config.checkpoint.dir} at iteration {start}")
+            iteration, history = state["iteration"], state["history"]
+            print(f"resumed from {config.checkpoint.dir} at iteration {iteration}")
 
-    def checkpoint(iteration: int) -> str:
+    def checkpoint() -> str:
         state = {
             "iteration": iteration,
             "params": {k: v.detach().clone() for k, v in params.items()},
@@ -112,8 +143,7 @@ def train(config: RunConfig) -> dict:
 
     connect_ray(config)
     stop = StopRequest()
-    size = len(flatten(params))
-    iteration, pool = start, None
+    pool = None
     try:
         pool = WorkerPool(config)
         print(f"{len(pool.actors)} workers: " + ", ".join(f"pid {i['pid']} ({i['device']})" for i in pool.infos))
@@ -126,18 +156,12 @@ def train(config: RunConfig) -> dict:
             shards = pool.map("outer_grads", chunks, flat_ref)
             t2 = time.perf_counter()
             rows = np.concatenate(shards)
-            grad = torch.from_numpy(rows[:, :size].sum(axis=0) / o.meta_batch)
-            start_index = 0
-            for p in params.values():
-                p.grad = grad[start_index : start_index + p.numel()].view_as(p).clone()
-                start_index += p.numel()
-            if o.grad_clip:
-                torch.nn.utils.clip_grad_norm_(list(params.values()), o.grad_clip)
-            optimizer.step()
-            scheduler.step()
+            apply_meta_gradient(params, rows, config, optimizer, scheduler)
             iteration += 1
-            metrics = dict(zip(GRAD_METRICS, rows[:, size:].sum(axis=0).tolist()))
-            actor_seconds = max(s[:, size + GRAD_METRICS.index("seconds")].sum() for s in shards)
+
+            # Driver time: everything but the slowest actor's compute (dispatch, transfer, reduce, step).
+            metrics = dict(zip(GRAD_METRICS, rows[:, -len(GRAD_METRICS) :].sum(axis=0).tolist()))
+            actor_seconds = max(shard[:, -1].sum() for shard in shards)  # GRAD_METRICS ends with seconds
             window_tasks += o.meta_batch
             window_driver += (t1 - t0) + (time.perf_counter() - t2) + max(0.0, (t2 - t1) - actor_seconds)
             record = {
@@ -158,23 +182,24 @@ def train(config: RunConfig) -> dict:
                 record |= {"tasks_per_s": rate, "driver_share": window_driver / elapsed}
                 window_start, window_tasks, window_driver = time.perf_counter(), 0, 0.0
             if config.eval.every and (iteration % config.eval.every == 0 or iteration == o.iterations):
-                result = meta_validate(pool, config, ray.put(flatten(params)))
-                record["val"] = result
-                print(f"meta-validation at {iteration}: {format_eval(result, config.classification)}", flush=True)
+                eval_start = time.perf_counter()
+                record["val"] = meta_validate(pool, config, ray.put(flatten(params)))
+                print(f"meta-validation at {iteration}: {format_eval(record['val'], config.classification)}")
+                window_start += time.perf_counter() - eval_start  # keep tasks/s about training
             history.append(record)
-            if iteration % config.checkpoint.every == 0 and iteration < o.iterations:
-                checkpoint(iteration)
             if stop.signal:
-                where = checkpoint(iteration)
+                where = checkpoint()
                 print(
                     f"{stop.signal}: stopped after iteration {iteration}; checkpoint {where}\n"
                     f"resume with the same command plus --resume (or checkpoint.resume=true)",
                     file=sys.stderr,
                 )
                 sys.exit(INTERRUPTED)
-        where = checkpoint(iteration)
+            if iteration % config.checkpoint.every == 0 and iteration < o.iterations:
+                checkpoint()
+        where = checkpoint()
     except (WorkerStartError, WorkerFailureError) as e:
-        where = checkpoint(iteration)
+        where = checkpoint()
         print(
             f"error: {e}\nstopped after iteration {iteration}; checkpoint {where}; resume with --resume",
             file=sys.stderr,
@@ -184,7 +209,8 @@ def train(config: RunConfig) -> dict:
         if pool is not None:
             pool.shutdown()
     print(
-        f"done: {iteration} iterations, {pool.failures} worker failures, {pool.restarts} restarts; final checkpoint {where}"
+        f"done: {iteration} iterations, {pool.failures} worker failures, {pool.restarts} restarts; "
+        f"final checkpoint {where}"
     )
     return store.load()
 

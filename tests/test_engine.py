@@ -157,6 +157,9 @@ def test_ctrl_c_checkpoints_and_says_how_to_resume(ray_cluster, reference, tmp_p
     stopped = int(re.search(r"SIGINT: stopped after iteration (\d+)", out)[1])
     assert "--resume" in out and "Traceback" not in out
     assert CheckpointStore(tmp_path).latest() == stopped
+    changed = start_train(ray_cluster, tmp_path, "optim.inner_lr=0.5", "--resume")
+    out, _ = changed.communicate(timeout=120)
+    assert changed.returncode == 2 and "optim.inner_lr = 0.5: the checkpoint was trained with 0.01" in out, out
     run_train(ray_cluster, tmp_path, "resources.workers=2", "--resume")
     assert_same_params(final_params(tmp_path), reference)
 

@@ -1,0 +1,1 @@
+"""Benchmarks of the platform (`python -m benchmarks.throughput`); see docs/benchmarks.md."""
