@@ -17,8 +17,9 @@ standard module (Ray even puts a job's working directory first on every worker's
 """
 
 import os
-import platform
 import sys
+
+import platform
 
 # A `platform/` folder is ours when it holds this file: it tells it apart from unrelated folders.
 _MARKER = "train.py"

@@ -14,13 +14,14 @@ applies the meta-update. `params` maps names to tensors; the model object is onl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from platform.config import RunConfig
-from platform.tasks import Task
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+
+from platform.config import RunConfig
+from platform.tasks import Task
 
 Params = dict[str, torch.Tensor]
 Metrics = dict[str, float]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+
 from platform.checkpoint import CheckpointError
 from platform.config import ConfigError
 from platform.data import DataError

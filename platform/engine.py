@@ -13,10 +13,6 @@ from __future__ import annotations
 
 import os
 import time
-from platform.algorithms import Params, build_algorithm
-from platform.config import RunConfig
-from platform.models import build_model
-from platform.tasks import task_sampler
 
 import numpy as np
 import ray
@@ -24,6 +20,11 @@ import torch
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, OutOfMemoryError, RayActorError, WorkerCrashedError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from platform.algorithms import Params, build_algorithm
+from platform.config import RunConfig
+from platform.models import build_model
+from platform.tasks import task_sampler
 
 GRAD_METRICS = ("loss", "accuracy", "tasks", "seconds")
 EVAL_METRICS = ("loss_before", "accuracy_before", "loss", "accuracy")

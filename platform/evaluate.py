@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import time
+
+import numpy as np
+
 from platform.checkpoint import load_checkpoint
 from platform.cli import run
 from platform.config import RunConfig
 from platform.engine import EVAL_METRICS, AdaptationWorker, flatten
 from platform.tasks import evaluation_seeds
-
-import numpy as np
 
 
 def summarize(rows: np.ndarray, classification: bool) -> dict:

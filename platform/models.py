@@ -7,10 +7,10 @@ ANIL adapts only the `head.*` parameters; Prototypical Networks use the body alo
 
 from __future__ import annotations
 
-from platform.config import RunConfig
-
 import torch
 from torch import nn
+
+from platform.config import RunConfig
 
 
 class MLP(nn.Module):

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from platform.config import TaskConfig
-from platform.data import DataError, ImageClasses, _is_image, load_image_folder, load_omniglot
 
 import numpy as np
 import torch
+
+from platform.config import TaskConfig
+from platform.data import DataError, ImageClasses, _is_image, load_image_folder, load_omniglot
 
 SPLITS = ("train", "val", "test")
 OMNIGLOT_IMAGES_PER_CLASS = 20

@@ -13,6 +13,11 @@ import os
 import signal
 import sys
 import time
+
+import numpy as np
+import ray
+import torch
+
 from platform.checkpoint import CheckpointStore
 from platform.cli import config_parser, run
 from platform.config import ConfigError, RunConfig, load_config
@@ -27,10 +32,6 @@ from platform.engine import (
 )
 from platform.evaluate import format_eval, summarize
 from platform.tasks import evaluation_seeds, iteration_seeds
-
-import numpy as np
-import ray
-import torch
 
 INTERRUPTED = 130
 

@@ -5,6 +5,11 @@ on tiny models: the algorithms only see the model through `functional_call`, so 
 and inputs give float64 results whatever the module's own dtype.
 """
 
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
 from platform.algorithms import (
     INNER_LR,
     GradientMetaLearner,
@@ -15,11 +20,6 @@ from platform.algorithms import (
 from platform.config import RunConfig
 from platform.models import MLP, Conv4
 from platform.tasks import Task
-
-import pytest
-import torch
-import torch.nn.functional as F
-from torch.func import functional_call
 
 TIGHT = {"rtol": 1e-9, "atol": 1e-12}
 

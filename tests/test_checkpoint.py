@@ -7,11 +7,12 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from platform.checkpoint import CheckpointError, CheckpointStore
 
 import numpy as np
 import pytest
 import torch
+
+from platform.checkpoint import CheckpointError, CheckpointStore
 
 REPO = Path(__file__).resolve().parents[1]
 

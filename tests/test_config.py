@@ -9,12 +9,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from platform.cli import USAGE_ERROR, run
-from platform.config import ConfigError, RunConfig, _dotted_keys, check, load_config
 
 import pytest
 import yaml
 from PIL import Image
+
+from platform.cli import USAGE_ERROR, run
+from platform.config import ConfigError, RunConfig, _dotted_keys, check, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = sorted((REPO / "configs").glob("*.yaml"))

@@ -12,12 +12,13 @@ import time
 import zipfile
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from platform import data
 
 import boto3
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
+
+from platform import data
 
 REPO = Path(__file__).resolve().parents[1]
 # A small Omniglot-layout set: alphabets listed out of order to check the sorting.

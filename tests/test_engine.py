@@ -13,11 +13,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from platform.checkpoint import CheckpointStore
 
 import numpy as np
 import pytest
 import torch
+
+from platform.checkpoint import CheckpointStore
 
 ITERATIONS = 120
 BASE = [

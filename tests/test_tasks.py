@@ -4,13 +4,14 @@ import hashlib
 import subprocess
 import sys
 from pathlib import Path
-from platform import tasks
-from platform.config import TaskConfig
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from platform import tasks
+from platform.config import TaskConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SINUSOID = TaskConfig(kind="sinusoid", shots=10, query=15)
