@@ -164,3 +164,41 @@ def test_ray_job_runs_the_working_dir_code(ray_cluster, marked_working_dir, tmp_
     assert seen_marker == marker
     assert Path(marker_file).parent.parent == Path(cwd)
     assert system == __import__("platform").system()
+
+
+def test_plain_wheel_install(tmp_path):
+    """`pip install .` (a wheel, not editable): the hook and the package come from site-packages."""
+    wheels = tmp_path / "wheels"
+    built = subprocess.run(
+        [PYTHON, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(REPO)],
+        check=False, capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    venv = tmp_path / "venv"
+    subprocess.run([PYTHON, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=TIMEOUT)
+    site = Path(next((venv / "lib").glob("python3.*")), "site-packages")
+    # The dependencies come from this venv's site-packages as a plain path entry: its .pth files
+    # (our editable install among them) are not processed, so only the wheel provides `platform.*`.
+    (site / "deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    installed = subprocess.run(
+        [PYTHON, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--no-deps", "-q", *wheels.glob("*.whl")],
+        check=False, capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert installed.returncode == 0, installed.stderr
+    probe = "import json, platform, platform.train; print(json.dumps([platform.system(), platform.train.__file__]))"
+    for cwd in (tmp_path, REPO):
+        result = subprocess.run(
+            [str(venv / "bin" / "python"), "-c", probe],
+            check=False, cwd=cwd, env=clean_env(), capture_output=True, text=True, timeout=TIMEOUT,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        system, train_file = json.loads(result.stdout.splitlines()[-1])
+        assert system == __import__("platform").system()
+        # From the repo root the repo's folder is on sys.path ('' first) and wins, as a package would.
+        expected = REPO / "platform" if cwd == REPO else site / "platform"
+        assert Path(train_file).parent == expected
+    helped = subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "platform.train", "--help"],
+        check=False, cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert helped.returncode == 0 and "usage:" in helped.stdout, helped.stderr

@@ -1,0 +1,86 @@
+"""The throughput harness (benchmarks/throughput.py): its reference is right, and it runs end to end.
+
+The end-to-end run is the `--tiny` smoke setting (width 8, meta-batch 8, one round) on the session's
+shared Ray cluster, connected from a subprocess (Ray reads the auth variables at import).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.throughput import TINY, reference_meta_grad
+from platform.config import load_config
+from platform.engine import build, tune_malloc
+from platform.tasks import iteration_seeds, task_sampler
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "omniglot-5w1s.yaml"
+# Float32, the same ops in a different order of Python calls: agreement to rounding.
+RTOL = 1e-4
+
+
+@pytest.mark.parametrize(
+    "algorithm,steps", [("maml", 1), ("maml", 2), ("fomaml", 1), ("anil", 1), ("anil", 2)], ids=str
+)
+def test_reference_meta_gradient_matches_the_platform(omniglot, algorithm, steps):
+    """The harness's independent reference computes the platform's meta-gradient (rel. 1e-4 per tensor)."""
+    config = load_config(CONFIG, TINY + [f"algorithm={algorithm}", f"optim.inner_steps={steps}"])
+    _, algo, params = build(config)
+    sampler = task_sampler(config.task, "train")
+    tasks = [sampler.sample(s) for s in iteration_seeds(config.seed, 0, 3)]
+    o = config.optim
+    ref, _ = reference_meta_grad(params, tasks, o.inner_lr, steps, config.first_order, algorithm == "anil")
+    plat, _ = algo.outer_grad(params, tasks)
+    for k in params:
+        if k.startswith("body.") and k.endswith(".0.bias"):
+            continue  # before batch-statistics BatchNorm: true gradient 0, both sides are rounding noise
+        torch.testing.assert_close(ref[k], plat[k], rtol=RTOL, atol=RTOL * float(plat[k].abs().max()), msg=k)
+
+
+def test_tune_malloc_is_harmless_and_switchable(monkeypatch):
+    monkeypatch.setenv("METAPLATFORM_MALLOC_TUNING", "0")
+    assert tune_malloc() is False
+    monkeypatch.delenv("METAPLATFORM_MALLOC_TUNING")
+    applied = tune_malloc()  # True on glibc; the process keeps working either way
+    assert applied in (True, False)
+    assert torch.ones(2000, 2000).sum().item() == 4e6
+
+
+def test_tiny_harness_runs_through_the_shared_ray_cluster(ray_cluster, tmp_path):
+    out_json = tmp_path / "tiny.json"
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.throughput", "--tiny", "--json", str(out_json)],
+        check=False,
+        cwd=REPO,
+        env=ray_cluster.subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    seconds = time.monotonic() - start
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert seconds < 60, f"--tiny took {seconds:.0f}s"
+    assert "fp32 matmul peak" in proc.stdout
+    assert "platform-2" in proc.stdout and "reference" in proc.stdout
+    result = json.loads(out_json.read_text())
+    assert result["matmul_peak_gflops"] > 0
+    (setting,) = result["results"]
+    assert setting["setting"] == "maml-1"
+    assert setting["max_rel_diff_reference_vs_platform"] < RTOL
+    rows = setting["rows"]
+    assert set(rows) == {"reference", "platform-1", "platform-2"}
+    for name, row in rows.items():
+        assert row["tasks_per_s"] > 0 and row["gflops"] > 0, name
+    assert rows["platform-2"]["workers"] == 2
+    assert 0 <= rows["platform-2"]["driver_share"] < 1
+    assert rows["platform-2"]["bytes_broadcast"] > 0 and rows["platform-2"]["bytes_returned"] > 0
+    # Actors run on this machine, so their peak RSS is readable from /proc.
+    assert all(rss and rss > 0 for rss in rows["platform-2"]["peak_rss_per_actor"])
