@@ -1,0 +1,454 @@
+"""Meta-training throughput: the platform through Ray against a plain single-process reference.
+
+    python -m benchmarks.throughput                      # the full table of docs/benchmarks.md
+    python -m benchmarks.throughput --settings maml-1    # one setting
+    python -m benchmarks.throughput --tiny               # seconds: proves the harness works (CI)
+
+For every setting (algorithm x inner steps) it runs, alternating in rounds so that machine noise
+hits all of them alike:
+
+* reference  a straightforward per-task loop in this process, written independently of
+             platform/algorithms.py (functional conv4, `autograd.grad(create_graph=True)`), with
+             all cores given to torch; it computes the same meta-gradient of the same tasks and
+             applies the same Adam update;
+* platform   the real engine: `platform.engine.WorkerPool` actors computing the chunked outer
+             gradients, the driver summing the rows and stepping Adam exactly as platform.train
+             does, with 1 and with --workers actors.
+
+It prints tasks/s (median over rounds), platform / reference, GFLOP/s (FLOPs of one task's
+outer_grad counted with FlopCounterMode) against the measured fp32 matmul peak, the driver's share
+of iteration time, bytes moved per iteration and the actors' peak RSS. Joins the Ray cluster in
+RAY_ADDRESS, else starts a local instance (like platform.train).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import ray
+import torch
+import torch.nn.functional as F
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from torch.utils.flop_counter import FlopCounterMode
+
+from platform.config import RunConfig, load_config
+from platform.engine import WorkerPool, build, chunked, flatten
+from platform.tasks import Task, iteration_seeds, task_sampler
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = os.path.join(REPO, "configs", "omniglot-5w1s.yaml")
+# name -> (algorithm, inner steps)
+SETTINGS = {
+    "maml-1": ("maml", 1),
+    "maml-5": ("maml", 5),
+    "fomaml-1": ("fomaml", 1),
+    "anil-1": ("anil", 1),
+}
+TINY = ["model.width=8", "optim.meta_batch=8", "optim.chunk=2"]
+
+
+# --- the reference: independent of platform/algorithms.py --------------------------------------
+
+
+def ref_body(p: dict, x: torch.Tensor) -> torch.Tensor:
+    """Conv4's body written out: 4 x (conv 3x3, batch-statistics BatchNorm, ReLU, 2x2 max-pool), flatten."""
+    for i in range(4):
+        x = F.conv2d(x, p[f"body.{i}.0.weight"], p[f"body.{i}.0.bias"], padding=1)
+        x = F.batch_norm(x, None, None, p[f"body.{i}.1.weight"], p[f"body.{i}.1.bias"], training=True)
+        x = F.max_pool2d(F.relu(x), 2)
+    return x.flatten(1)
+
+
+def ref_head(p: dict, z: torch.Tensor) -> torch.Tensor:
+    return F.linear(z, p["head.weight"], p["head.bias"])
+
+
+def reference_meta_grad(
+    params: dict, tasks: list[Task], inner_lr: float, steps: int, first_order: bool, head_only: bool
+) -> tuple[dict, float]:
+    """Sum over tasks of the MAML / FOMAML / ANIL outer gradient, one task and one backward at a time."""
+    theta = {k: v.detach().requires_grad_() for k, v in params.items()}
+    total = {k: torch.zeros_like(v) for k, v in theta.items()}
+    loss_sum = 0.0
+    for task in tasks:
+        if head_only:  # ANIL: features once, only the head adapts
+            zs, zq = ref_body(theta, task.support_x), ref_body(theta, task.query_x)
+            adapted = ["head.weight", "head.bias"]
+            predict = ref_head
+        else:
+            zs, zq = task.support_x, task.query_x
+            adapted = list(theta)
+            predict = lambda p, x: ref_head(p, ref_body(p, x))
+        fast = dict(theta)
+        for _ in range(steps):
+            loss = F.cross_entropy(predict(fast, zs), task.support_y)
+            grads = torch.autograd.grad(loss, [fast[k] for k in adapted], create_graph=not first_order)
+            fast = fast | {k: fast[k] - inner_lr * g for k, g in zip(adapted, grads)}
+        query_loss = F.cross_entropy(predict(fast, zq), task.query_y)
+        grads = torch.autograd.grad(query_loss, list(theta.values()), allow_unused=True)
+        for k, g in zip(theta, grads):
+            if g is not None:
+                total[k] += g
+        loss_sum += query_loss.item()
+    return total, loss_sum
+
+
+class Reference:
+    """The reference trainer: same initial parameters, tasks and Adam update as the platform."""
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+        _, _, initial = build(config)
+        self.params = {k: torch.nn.Parameter(v) for k, v in initial.items()}
+        self.optimizer = torch.optim.Adam(self.params.values(), lr=config.optim.outer_lr)
+        self.sampler = task_sampler(config.task, "train")
+
+    def meta_grad(self, iteration: int) -> dict:
+        o = self.config.optim
+        tasks = [self.sampler.sample(s) for s in iteration_seeds(self.config.seed, iteration, o.meta_batch)]
+        grads, _ = reference_meta_grad(
+            self.params,
+            tasks,
+            o.inner_lr,
+            o.inner_steps,
+            self.config.first_order,
+            self.config.algorithm == "anil",
+        )
+        return grads
+
+    def step(self, iteration: int) -> None:
+        grads = self.meta_grad(iteration)
+        for k, p in self.params.items():
+            p.grad = grads[k] / self.config.optim.meta_batch
+        self.optimizer.step()
+
+
+# --- the platform: the real engine, driven like platform.train ------------------------------------
+
+
+class _PoolWithEnv(WorkerPool):
+    """A WorkerPool whose actors get extra environment variables (for A/B runs of engine switches)."""
+
+    def __init__(self, config: RunConfig, env: dict[str, str], log=print):
+        self.env = env
+        super().__init__(config, log=log)
+
+    def _start(self, index: int):
+        r = self.config.resources
+        return self.remote.options(
+            num_cpus=r.cpus_per_worker,
+            num_gpus=r.gpus_per_worker,
+            max_restarts=0,
+            runtime_env={"env_vars": self.env},
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=index),
+        ).remote(self.config.model_dump(mode="json"))
+
+
+class Platform:
+    """A WorkerPool of `workers` actors and the driver's meta-update of platform.train."""
+
+    def __init__(self, config: RunConfig, env: dict[str, str] | None = None):
+        self.config = config
+        _, _, initial = build(config)
+        self.params = {k: torch.nn.Parameter(v) for k, v in initial.items()}
+        self.optimizer = torch.optim.Adam(self.params.values(), lr=config.optim.outer_lr)
+        self.size = len(flatten(self.params))
+        log = lambda *a: print(*a, file=sys.stderr)
+        self.pool = _PoolWithEnv(config, env, log=log) if env else WorkerPool(config, log=log)
+        self.bytes_broadcast = self.bytes_returned = 0
+
+    def step(self, iteration: int) -> dict:
+        """One meta-iteration; returns its timings (seconds) as platform.train measures them."""
+        o, size = self.config.optim, self.size
+        t0 = time.perf_counter()
+        flat = flatten(self.params)
+        flat_ref = ray.put(flat)
+        chunks = chunked(iteration_seeds(self.config.seed, iteration, o.meta_batch), o.chunk)
+        t1 = time.perf_counter()
+        shards = self.pool.map("outer_grads", chunks, flat_ref)
+        t2 = time.perf_counter()
+        rows = np.concatenate(shards)
+        grad = torch.from_numpy(rows[:, :size].sum(axis=0) / o.meta_batch)
+        start = 0
+        for p in self.params.values():
+            p.grad = grad[start : start + p.numel()].view_as(p).clone()
+            start += p.numel()
+        self.optimizer.step()
+        t3 = time.perf_counter()
+        actor_seconds = float(max(s[:, size + 3].sum() for s in shards))  # GRAD_METRICS "seconds"
+        self.bytes_broadcast = flat.nbytes * len(shards)  # one put, read by every actor
+        self.bytes_returned = sum(s.nbytes for s in shards)
+        return {"total": t3 - t0, "driver": (t1 - t0) + (t3 - t2) + max(0.0, (t2 - t1) - actor_seconds)}
+
+    def peak_rss(self) -> list[int | None]:
+        """Peak resident set (VmHWM) of every actor process, read from /proc (None when not on this node)."""
+        out = []
+        for info in self.pool.infos:
+            try:
+                with open(f"/proc/{info['pid']}/status") as f:
+                    out.append(next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")))
+            except (OSError, StopIteration):
+                out.append(None)
+        return out
+
+    def shutdown(self) -> None:
+        self.pool.shutdown()
+
+
+# --- measurements ---------------------------------------------------------------------------------
+
+
+def matmul_peak(n: int, seconds: float) -> float:
+    """fp32 GFLOP/s of an n x n torch.mm loop with all of torch's threads."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.mm(a, b)
+        count += 1
+    return 2 * n**3 * count / (time.perf_counter() - start) / 1e9
+
+
+def flops_per_task(config: RunConfig) -> float:
+    """FLOPs of one task's outer_grad in the platform's algorithm."""
+    _, algorithm, params = build(config)
+    task = task_sampler(config.task, "train").sample(iteration_seeds(config.seed, 0, 1)[0])
+    with FlopCounterMode(display=False) as counter:
+        algorithm.outer_grad(params, [task])
+    return float(counter.get_total_flops())
+
+
+def agreement(config: RunConfig) -> float:
+    """Largest relative difference (per parameter tensor) of reference and platform meta-gradients."""
+    _, algorithm, params = build(config)
+    sampler = task_sampler(config.task, "train")
+    tasks = [sampler.sample(s) for s in iteration_seeds(config.seed, 0, min(4, config.optim.meta_batch))]
+    o = config.optim
+    ref, _ = reference_meta_grad(
+        params, tasks, o.inner_lr, o.inner_steps, config.first_order, config.algorithm == "anil"
+    )
+    plat, _ = algorithm.outer_grad(params, tasks)
+    # Conv biases before batch-statistics BatchNorm have a true gradient of 0: both sides are rounding noise.
+    keys = [k for k in ref if not (k.startswith("body.") and k.endswith(".0.bias"))]
+    return max(float((ref[k] - plat[k]).norm() / ref[k].norm().clamp_min(1e-12)) for k in keys)
+
+
+def _cpu_times() -> tuple[int, int]:
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    return values[3] + values[4], sum(values)  # idle + iowait, total
+
+
+def wait_for_quiet(timeout: float, idle: float = 0.85) -> float:
+    """Wait (at most `timeout` s) until the machine is `idle` idle over 0.5 s: Ray's freshly started
+    processes import for seconds after an actor is up. Returns the last idle fraction seen."""
+    deadline, fraction = time.monotonic() + timeout, 1.0
+    while time.monotonic() < deadline:
+        try:
+            i0, t0 = _cpu_times()
+            time.sleep(0.5)
+            i1, t1 = _cpu_times()
+        except OSError:  # no /proc/stat
+            return fraction
+        fraction = (i1 - i0) / max(1, t1 - t0)
+        if fraction >= idle:
+            break
+    return fraction
+
+
+def connect_ray(cpus_needed: int) -> None:
+    """Join RAY_ADDRESS, else start a local instance with enough logical CPUs for every actor."""
+    quiet = {"logging_level": logging.WARNING, "configure_logging": True}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(**quiet)
+    else:
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus_needed), include_dashboard=False, **quiet)
+
+
+def run_setting(name: str, args, base_overrides: list[str], peak: float) -> dict:
+    algorithm, steps = SETTINGS[name]
+    overrides = [*base_overrides, f"algorithm={algorithm}", f"optim.inner_steps={steps}", "eval.every=0"]
+    configs = {
+        "reference": load_config(args.config, overrides + ["resources.workers=1"]),
+        "platform-1": load_config(args.config, overrides + ["resources.workers=1"]),
+        f"platform-{args.workers}": load_config(args.config, overrides + [f"resources.workers={args.workers}"]),
+    }
+    config = configs["reference"]
+    meta_batch = config.optim.meta_batch
+    flops = flops_per_task(config)
+    agree = agreement(config)
+    runners = {"reference": Reference(config)}
+    runners |= {k: Platform(c) for k, c in configs.items() if k != "reference"}
+    if args.ab_malloc:  # the same N actors without engine.tune_malloc
+        runners[f"p-{args.workers}-nomal"] = Platform(
+            configs[f"platform-{args.workers}"], {"METAPLATFORM_MALLOC_TUNING": "0"}
+        )
+    rates = {k: [] for k in runners}
+    driver = {k: [] for k in runners if k != "reference"}
+    try:
+        # One warm-up iteration each (actor start, first-touch allocations), not timed.
+        for runner in runners.values():
+            runner.step(0)
+        wait_for_quiet(args.quiet_timeout)
+        keys = list(runners)
+        for r in range(args.rounds):
+            for k in keys[r % len(keys) :] + keys[: r % len(keys)]:  # rotate who goes first
+                iterations = range(1 + r * args.iterations, 1 + (r + 1) * args.iterations)
+                start, drv = time.perf_counter(), 0.0
+                for it in iterations:
+                    out = runners[k].step(it)
+                    drv += out["driver"] if out else 0.0
+                elapsed = time.perf_counter() - start
+                rates[k].append(meta_batch * len(iterations) / elapsed)
+                if k in driver:
+                    driver[k].append(drv / elapsed)
+                print(f"  {name} round {r + 1}/{args.rounds} {k:>11}: {rates[k][-1]:6.2f} tasks/s", file=sys.stderr)
+        rows = {}
+        ref_rate = statistics.median(rates["reference"])
+        for k, runner in runners.items():
+            rate = statistics.median(rates[k])
+            row = {
+                "tasks_per_s": rate,
+                "tasks_per_s_all": rates[k],
+                "ratio": rate / ref_rate,
+                "gflops": rate * flops / 1e9,
+                "peak_fraction": rate * flops / 1e9 / peak,
+            }
+            if k == "reference":
+                row |= {"threads": torch.get_num_threads()}
+            else:
+                rss = runner.peak_rss()
+                row |= {
+                    "workers": len(runner.pool.actors),
+                    "driver_share": statistics.median(driver[k]),
+                    "bytes_broadcast": runner.bytes_broadcast,
+                    "bytes_returned": runner.bytes_returned,
+                    "peak_rss_per_actor": rss,
+                }
+            rows[k] = row
+    finally:
+        for runner in runners.values():
+            if isinstance(runner, Platform):
+                runner.shutdown()
+    return {
+        "setting": name,
+        "algorithm": algorithm,
+        "inner_steps": steps,
+        "meta_batch": meta_batch,
+        "gflop_per_task": flops / 1e9,
+        "ceiling_tasks_per_s": peak * 1e9 / flops,
+        "max_rel_diff_reference_vs_platform": agree,
+        "rows": rows,
+    }
+
+
+def _mib(n) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.0f}"
+
+
+def format_table(result: dict) -> str:
+    lines = [
+        (
+            f"== {result['setting']}: {result['algorithm']}, {result['inner_steps']} inner step(s), "
+            f"meta-batch {result['meta_batch']}, {result['gflop_per_task']:.2f} GFLOP/task, "
+            f"ceiling {result['ceiling_tasks_per_s']:.1f} tasks/s at peak; reference vs platform meta-gradient "
+            f"max rel diff {result['max_rel_diff_reference_vs_platform']:.1e}"
+        ),
+        (
+            f"{'run':<12} {'tasks/s':>8} {'x ref':>6} {'GFLOP/s':>8} {'% peak':>7} {'driver':>7} "
+            f"{'MiB bcast':>9} {'MiB back':>8} {'peak RSS MiB/actor':>18}"
+        ),
+    ]
+    for k, row in result["rows"].items():
+        if k == "reference":
+            extra = f"{'-':>7} {'-':>9} {'-':>8} {'(' + str(row['threads']) + ' threads, driver)':>18}"
+        else:
+            rss = "/".join(_mib(x) for x in row["peak_rss_per_actor"])
+            extra = (
+                f"{row['driver_share']:>7.1%} {row['bytes_broadcast'] / 2**20:>9.2f} "
+                f"{row['bytes_returned'] / 2**20:>8.2f} {rss:>18}"
+            )
+        lines.append(
+            f"{k:<12} {row['tasks_per_s']:>8.2f} {row['ratio']:>6.2f} {row['gflops']:>8.1f} "
+            f"{row['peak_fraction']:>7.1%} {extra}"
+        )
+    return "\n".join(lines)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="base run config (default: omniglot-5w1s)")
+    parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, from {list(SETTINGS)}")
+    parser.add_argument("--workers", type=int, default=2, help="actors of the multi-actor platform run")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (medians are over these)")
+    parser.add_argument("--iterations", type=int, default=2, help="meta-iterations per run per round")
+    parser.add_argument("--tiny", action="store_true", help="CI smoke: width 8, meta-batch 8, 1 round, maml-1")
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument(
+        "--quiet-timeout", type=float, default=30.0, help="max seconds to wait for an idle machine before timing"
+    )
+    parser.add_argument(
+        "--ab-malloc", action="store_true", help="add a run of N actors with METAPLATFORM_MALLOC_TUNING=0 (A/B)"
+    )
+    parser.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. model.width=32)")
+    args = parser.parse_args(argv)
+    base = list(args.overrides)
+    if args.tiny:
+        base = TINY + base
+        args.rounds, args.iterations, args.quiet_timeout = 1, 1, min(args.quiet_timeout, 8.0)
+        if args.settings == ",".join(SETTINGS):
+            args.settings = "maml-1"
+    names = [s for s in args.settings.split(",") if s]
+    unknown = [s for s in names if s not in SETTINGS]
+    if unknown:
+        parser.error(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
+
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)  # the reference and the peak measurement get every core
+    peak = matmul_peak(512 if args.tiny else 2048, 0.3 if args.tiny else 2.0)
+    print(f"cpu: {cpu_model()}, {threads} cores; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"fp32 matmul peak (torch.mm, {torch.get_num_threads()} threads): {peak:.1f} GFLOP/s", flush=True)
+    probe = load_config(args.config, base + [f"resources.workers={args.workers}"])
+    connect_ray(math.ceil((1 + args.workers * (2 if args.ab_malloc else 1)) * probe.resources.cpus_per_worker))
+    results = []
+    try:
+        for name in names:
+            result = run_setting(name, args, base, peak)
+            results.append(result)
+            print(format_table(result), flush=True)
+    finally:
+        ray.shutdown()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "cpu": cpu_model(),
+                    "cores": threads,
+                    "matmul_peak_gflops": peak,
+                    "argv": sys.argv,
+                    "results": results,
+                },
+                f,
+                indent=2,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
