@@ -198,7 +198,10 @@ class WorkerPool:
         bounds = np.linspace(0, len(items), n + 1).round().astype(int)
         shards = [items[bounds[i] : bounds[i + 1]] for i in range(n)]
         timeout = self.config.resources.worker_timeout_s
-        submit = lambda i: (getattr(self.actors[i], method).remote(*args, shards[i]), time.monotonic() + timeout)
+
+        def submit(i: int):
+            return getattr(self.actors[i], method).remote(*args, shards[i]), time.monotonic() + timeout
+
         pending = {i: submit(i) for i in range(n) if shards[i]}
         results: list[np.ndarray | None] = [None] * n
         while pending:
