@@ -30,11 +30,13 @@ class MLP(nn.Module):
 
 def _conv_block(in_channels: int, width: int) -> nn.Sequential:
     # BatchNorm always uses the batch's statistics (no running averages), as in the MAML paper.
+    # Pooling before the ReLU gives exactly the paper's conv-BN-ReLU-pool (ReLU is monotone, so it
+    # commutes with max; gradients are identical too) with the ReLU on a quarter of the values.
     return nn.Sequential(
         nn.Conv2d(in_channels, width, 3, padding=1),
         nn.BatchNorm2d(width, track_running_stats=False),
-        nn.ReLU(),
         nn.MaxPool2d(2),
+        nn.ReLU(),
     )
 
 

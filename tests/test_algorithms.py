@@ -522,3 +522,21 @@ def test_evaluate_classification_accuracy_is_a_fraction(kind):
         assert 0.0 <= m[key] <= 1.0
         assert (m[key] * 12) == pytest.approx(round(m[key] * 12))  # a count of the 12 query images
     assert m["loss"] > 0 and m["loss_before"] > 0
+
+
+def test_conv4_pools_before_relu_exactly_as_the_paper_order():
+    """conv-BN-pool-ReLU (ours, cheaper) equals the paper's conv-BN-ReLU-pool in outputs and meta-gradients."""
+    torch.manual_seed(0)
+    model = Conv4(1, 4, 3)
+    paper = Conv4(1, 4, 3)
+    for block in paper.body[:4]:
+        block[2], block[3] = torch.nn.ReLU(), torch.nn.MaxPool2d(2)
+    task = Task(
+        torch.rand(6, 1, 28, 28), torch.tensor([0, 1, 2] * 2), torch.rand(9, 1, 28, 28), torch.arange(3).repeat(3)
+    )
+    results = []
+    for m in (model, paper):
+        learner = GradientMetaLearner(m, inner_lr=0.4, inner_steps=1, first_order=False, classification=True)
+        results.append(learner.outer_grad(dict(model.named_parameters()), [task])[0])
+    for k in results[0]:
+        assert torch.equal(results[0][k], results[1][k]), k
