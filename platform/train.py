@@ -48,6 +48,11 @@ def connect_ray(config: RunConfig) -> None:
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False, **quiet)
 
 
+def duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
 def make_optimizer(config: RunConfig, params: list[torch.Tensor]):
     o = config.optim
     if o.outer_optimizer == "adam":
@@ -181,7 +186,7 @@ def train(config: RunConfig) -> dict:
                 acc = f"  acc {record['accuracy']:.3f}" if config.classification else ""
                 print(
                     f"iter {iteration:>6}/{o.iterations}  loss {record['loss']:.4f}{acc}  {rate:7.1f} tasks/s"
-                    f"  driver {window_driver / elapsed:5.1%}  eta {time.strftime('%H:%M:%S', time.gmtime(eta))}",
+                    f"  driver {window_driver / elapsed:5.1%}  eta {duration(eta)}",
                     flush=True,
                 )
                 record |= {"tasks_per_s": rate, "driver_share": window_driver / elapsed}
@@ -189,7 +194,9 @@ def train(config: RunConfig) -> dict:
             if config.eval.every and (iteration % config.eval.every == 0 or iteration == o.iterations):
                 eval_start = time.perf_counter()
                 record["val"] = meta_validate(pool, config, ray.put(flatten(params)))
-                print(f"meta-validation at {iteration}: {format_eval(record['val'], config.classification)}")
+                print(
+                    f"meta-validation at {iteration}: {format_eval(record['val'], config.classification)}", flush=True
+                )
                 window_start += time.perf_counter() - eval_start  # keep tasks/s about training
             history.append(record)
             if stop.signal:

@@ -54,3 +54,9 @@ def test_resume_guard_names_changed_settings_and_allows_more_iterations():
         "seed = 3: the checkpoint was trained with 0",
         "model.width = 8: the checkpoint was trained with 40",
     ]
+
+
+def test_eta_counts_hours_past_a_day():
+    from platform.train import duration
+
+    assert duration(50 * 3600 + 61) == "50:01:01" and duration(59.6) == "0:01:00"
