@@ -36,12 +36,12 @@ import numpy as np
 import ray
 import torch
 import torch.nn.functional as F
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from torch.utils.flop_counter import FlopCounterMode
 
 from platform.config import RunConfig, load_config
 from platform.engine import WorkerPool, build, chunked, flatten
 from platform.tasks import Task, iteration_seeds, task_sampler
+from platform.train import apply_meta_gradient, make_optimizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "omniglot-5w1s.yaml")
@@ -134,24 +134,6 @@ class Reference:
 # --- the platform: the real engine, driven like platform.train ------------------------------------
 
 
-class _PoolWithEnv(WorkerPool):
-    """A WorkerPool whose actors get extra environment variables (for A/B runs of engine switches)."""
-
-    def __init__(self, config: RunConfig, env: dict[str, str], log=print):
-        self.env = env
-        super().__init__(config, log=log)
-
-    def _start(self, index: int):
-        r = self.config.resources
-        return self.remote.options(
-            num_cpus=r.cpus_per_worker,
-            num_gpus=r.gpus_per_worker,
-            max_restarts=0,
-            runtime_env={"env_vars": self.env},
-            scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=index),
-        ).remote(self.config.model_dump(mode="json"))
-
-
 class Platform:
     """A WorkerPool of `workers` actors and the driver's meta-update of platform.train."""
 
@@ -159,10 +141,9 @@ class Platform:
         self.config = config
         _, _, initial = build(config)
         self.params = {k: torch.nn.Parameter(v) for k, v in initial.items()}
-        self.optimizer = torch.optim.Adam(self.params.values(), lr=config.optim.outer_lr)
+        self.optimizer, self.scheduler = make_optimizer(config, list(self.params.values()))
         self.size = len(flatten(self.params))
-        log = lambda *a: print(*a, file=sys.stderr)
-        self.pool = _PoolWithEnv(config, env, log=log) if env else WorkerPool(config, log=log)
+        self.pool = WorkerPool(config, log=lambda *a: print(*a, file=sys.stderr), actor_env=env)
         self.bytes_broadcast = self.bytes_returned = 0
 
     def step(self, iteration: int) -> dict:
@@ -175,13 +156,7 @@ class Platform:
         t1 = time.perf_counter()
         shards = self.pool.map("outer_grads", chunks, flat_ref)
         t2 = time.perf_counter()
-        rows = np.concatenate(shards)
-        grad = torch.from_numpy(rows[:, :size].sum(axis=0) / o.meta_batch)
-        start = 0
-        for p in self.params.values():
-            p.grad = grad[start : start + p.numel()].view_as(p).clone()
-            start += p.numel()
-        self.optimizer.step()
+        apply_meta_gradient(self.params, np.concatenate(shards), self.config, self.optimizer, self.scheduler)
         t3 = time.perf_counter()
         actor_seconds = float(max(s[:, size + 3].sum() for s in shards))  # GRAD_METRICS "seconds"
         self.bytes_broadcast = flat.nbytes * len(shards)  # one put, read by every actor

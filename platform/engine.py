@@ -137,14 +137,15 @@ class WorkerFailureError(RuntimeError):
 class WorkerPool:
     """`resources.workers` AdaptationWorker actors in one placement group, with failure handling.
 
+    `actor_env` adds environment variables to the actors' (e.g. to A/B an engine switch).
     `map` splits a list of work items into one contiguous shard per actor, sends each actor its
     shard in a single call and returns the result rows in item order. An actor that dies or stays
     silent past `worker_timeout_s` is killed and replaced in its placement-group bundle, and its
     shard runs again there; the results are those of a run without the failure.
     """
 
-    def __init__(self, config: RunConfig, log=print):
-        self.config, self.log = config, log
+    def __init__(self, config: RunConfig, log=print, actor_env: dict[str, str] | None = None):
+        self.config, self.log, self.actor_env = config, log, actor_env
         self.failures = self.restarts = 0
         r = config.resources
         bundle = {"CPU": r.cpus_per_worker} | ({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})
@@ -167,6 +168,7 @@ class WorkerPool:
             num_cpus=r.cpus_per_worker,
             num_gpus=r.gpus_per_worker,
             max_restarts=0,
+            runtime_env={"env_vars": self.actor_env} if self.actor_env else None,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=index),
         ).remote(self.config.model_dump(mode="json"))
 
