@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from platform.cli import run
 from platform.config import RunConfig, load_config
 from platform.engine import WorkerPool, build, chunked, flatten
 from platform.tasks import Task, iteration_seeds, task_sampler
@@ -426,4 +427,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)
