@@ -7,9 +7,9 @@ shared Ray cluster, connected from a subprocess (Ray reads the auth variables at
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -48,14 +48,12 @@ def test_tune_malloc_is_harmless_and_switchable(monkeypatch):
     monkeypatch.setenv("METAPLATFORM_MALLOC_TUNING", "0")
     assert tune_malloc() is False
     monkeypatch.delenv("METAPLATFORM_MALLOC_TUNING")
-    applied = tune_malloc()  # True on glibc; the process keeps working either way
-    assert applied in (True, False)
-    assert torch.ones(2000, 2000).sum().item() == 4e6
+    assert tune_malloc() is (platform.libc_ver()[0] == "glibc")  # mallopt exists only in glibc
+    assert torch.ones(2000, 2000).sum().item() == 4e6  # and allocation still works
 
 
 def test_tiny_harness_runs_through_the_shared_ray_cluster(ray_cluster, tmp_path):
     out_json = tmp_path / "tiny.json"
-    start = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.throughput", "--tiny", "--json", str(out_json)],
         check=False,
@@ -63,11 +61,9 @@ def test_tiny_harness_runs_through_the_shared_ray_cluster(ray_cluster, tmp_path)
         env=ray_cluster.subprocess_env(),
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,  # a hang guard, not a speed check
     )
-    seconds = time.monotonic() - start
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert seconds < 60, f"--tiny took {seconds:.0f}s"
     assert "fp32 matmul peak" in proc.stdout
     assert "platform-2" in proc.stdout and "reference" in proc.stdout
     result = json.loads(out_json.read_text())
