@@ -7,7 +7,6 @@ shared Ray cluster, connected from a subprocess (Ray reads the auth variables at
 from __future__ import annotations
 
 import json
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import platform
 from benchmarks.throughput import TINY, reference_meta_grad
 from platform.config import load_config
 from platform.engine import build, tune_malloc
