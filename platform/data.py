@@ -103,18 +103,17 @@ def load_omniglot(source: str | None = None) -> ImageClasses:
         return _cached("omniglot", [f for split in SPLITS for f in files[split]], classes)
 
 
-def load_image_folder(root: str | Path) -> ImageClasses:
-    """The user's own images, laid out as `root/<class>/<image>`.
+def list_image_folder(root: str | Path) -> list[tuple[str, list[Path]]]:
+    """The classes of `root/<class>/<image>` and their image files, sorted by name, as load_image_folder reads them.
 
-    Classes and images are sorted by name. Images (any format PIL reads, with a suffix in
-    IMAGE_SUFFIXES; other files and names starting with "." are ignored) get Omniglot's
-    preprocessing: transparent parts become white, then grayscale, resized to 28x28 (aspect
-    ratio not kept) and inverted. So dark drawings on a light background come out with ink high,
-    like Omniglot; light-on-dark images come out the other way round.
+    Names starting with "." and files without a suffix in IMAGE_SUFFIXES are ignored. Listing only:
+    checking a config with it reads no image.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise DataError(f"{root}: image folder not found; expected a folder laid out as <root>/<class>/<image>")
+        raise DataError(
+            f"{root}: image folder not found (no such folder); expected a folder laid out as <root>/<class>/<image>"
+        )
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise DataError(f"{root}: holds no class folders; put each class's images in <root>/<class>/")
@@ -127,6 +126,18 @@ def load_image_folder(root: str | Path) -> ImageClasses:
                 "add images or remove the folder"
             )
         listing.append((folder.name, files))
+    return listing
+
+
+def load_image_folder(root: str | Path) -> ImageClasses:
+    """The user's own images, laid out as `root/<class>/<image>` (see list_image_folder).
+
+    Images (any format PIL reads) get Omniglot's preprocessing: transparent parts become white,
+    then grayscale, resized to 28x28 (aspect ratio not kept) and inverted. So dark drawings on a
+    light background come out with ink high, like Omniglot; light-on-dark images come out the
+    other way round.
+    """
+    listing = list_image_folder(root)
     key_files = [(f"{name}/{p.name}", p) for name, files in listing for p in files]
     classes = [(name, [(str(p), p.read_bytes) for p in files]) for name, files in listing]
     return _cached("folder", key_files, lambda: classes)

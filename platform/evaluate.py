@@ -35,10 +35,9 @@ def format_eval(result: dict, classification: bool) -> str:
     return f"mse {result['loss']:.4f} ± {result['loss_ci95']:.4f} (before adaptation {result['loss_before']:.4f})"
 
 
-def evaluate(state: dict, split: str, tasks: int, steps: int) -> dict:
-    config = RunConfig.model_validate(state["config"])
+def evaluate(config: RunConfig, params: dict, split: str, tasks: int, steps: int) -> dict:
     worker = AdaptationWorker(config.model_dump(mode="json"))
-    rows = worker.evaluate(flatten(state["params"]), split, steps, evaluation_seeds(tasks))
+    rows = worker.evaluate(flatten(params), split, steps, evaluation_seeds(tasks))
     return summarize(rows, config.classification)
 
 
@@ -57,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     config = RunConfig.model_validate(state["config"])
     steps = config.optim.test_inner_steps if args.steps is None else args.steps
     start = time.perf_counter()
-    result = evaluate(state, args.split, args.tasks, steps)
+    result = evaluate(config, state["params"], args.split, args.tasks, steps)
     print(
         f"{config.algorithm} on {config.task.kind} ({args.split} split), iteration {state['iteration']}, "
         f"{args.tasks} tasks{'' if config.algorithm == 'protonet' else f', {steps} inner steps'}: "

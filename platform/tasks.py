@@ -1,7 +1,7 @@
 """Task distributions. Every task is a pure function of (split, task seed).
 
 The same seed gives the same task on any machine and in any worker, so the driver ships
-seeds, never data. `TaskSampler.sample(seed)` is that function.
+seeds, never data. `task_sampler(config, split).sample(seed)` is that function.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from platform.config import TaskConfig
-from platform.data import DataError, ImageClasses, _is_image, load_image_folder, load_omniglot
+from platform.data import DataError, ImageClasses, list_image_folder, load_image_folder, load_omniglot
 
 SPLITS = ("train", "val", "test")
 OMNIGLOT_IMAGES_PER_CLASS = 20
@@ -140,7 +140,7 @@ def num_classes(config: TaskConfig, split: str) -> int:
     if config.kind == "omniglot":
         return len(_omniglot_characters(config.split, split)) * ROTATIONS
     if config.kind == "folder":
-        return len(_folder_classes(len(_folder_class_dirs(config)), split))
+        return len(_folder_classes(len(list_image_folder(_folder_root(config))), split))
     raise ValueError("sinusoid tasks have no classes")
 
 
@@ -149,8 +149,7 @@ def images_per_class(config: TaskConfig) -> int | None:
     if config.kind == "omniglot":
         return OMNIGLOT_IMAGES_PER_CLASS
     if config.kind == "folder":
-        counts = (sum(1 for f in d.iterdir() if f.is_file() and _is_image(f.name)) for d in _folder_class_dirs(config))
-        return min(counts, default=0)
+        return min(len(files) for _, files in list_image_folder(_folder_root(config)))
     return None
 
 
