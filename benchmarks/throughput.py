@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import math
 import os
 import statistics
 import sys
@@ -42,7 +40,7 @@ from platform.cli import run
 from platform.config import RunConfig, load_config
 from platform.engine import WorkerPool, build, chunked, flatten
 from platform.tasks import Task, iteration_seeds, task_sampler
-from platform.train import apply_meta_gradient, make_optimizer
+from platform.train import apply_meta_gradient, connect_ray, make_optimizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "omniglot-5w1s.yaml")
@@ -240,15 +238,6 @@ def wait_for_quiet(timeout: float, idle: float = 0.85) -> float:
     return fraction
 
 
-def connect_ray(cpus_needed: int) -> None:
-    """Join RAY_ADDRESS, else start a local instance with enough logical CPUs for every actor."""
-    quiet = {"logging_level": logging.WARNING, "configure_logging": True}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(**quiet)
-    else:
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus_needed), include_dashboard=False, **quiet)
-
-
 def run_setting(name: str, args, base_overrides: list[str], peak: float) -> dict:
     algorithm, steps = SETTINGS[name]
     overrides = [*base_overrides, f"algorithm={algorithm}", f"optim.inner_steps={steps}", "eval.every=0"]
@@ -401,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cpu: {cpu_model()}, {threads} cores; torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"fp32 matmul peak (torch.mm, {torch.get_num_threads()} threads): {peak:.1f} GFLOP/s", flush=True)
     probe = load_config(args.config, base + [f"resources.workers={args.workers}"])
-    connect_ray(math.ceil((1 + args.workers * (2 if args.ab_malloc else 1)) * probe.resources.cpus_per_worker))
+    # The 1-actor, N-actor (and A/B) pools of a setting are alive at once.
+    connect_ray((1 + args.workers * (2 if args.ab_malloc else 1)) * probe.resources.cpus_per_worker)
     results = []
     try:
         for name in names:

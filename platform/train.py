@@ -36,16 +36,18 @@ from platform.tasks import evaluation_seeds, iteration_seeds
 INTERRUPTED = 130
 
 
-def connect_ray(config: RunConfig) -> None:
-    """Join the cluster in RAY_ADDRESS (set by `ray job submit`), else start a private local instance."""
+def connect_ray(cpus_needed: float) -> None:
+    """Join the cluster in RAY_ADDRESS (set by `ray job submit`), else start a private local instance
+    with at least `cpus_needed` logical CPUs (so the actors' reservations always fit)."""
     if ray.is_initialized():
         return
     quiet = {"logging_level": logging.WARNING, "configure_logging": True}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**quiet)
     else:
-        needed = math.ceil(config.resources.workers * config.resources.cpus_per_worker)
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False, **quiet)
+        ray.init(
+            address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed)), include_dashboard=False, **quiet
+        )
 
 
 def duration(seconds: float) -> str:
@@ -147,7 +149,7 @@ def train(config: RunConfig) -> dict:
         }
         return store.save(state, iteration)
 
-    connect_ray(config)
+    connect_ray(config.resources.workers * config.resources.cpus_per_worker)
     stop = StopRequest()
     pool = None
     try:
