@@ -70,7 +70,9 @@ def write_zips(root: Path, members: dict[str, bytes]) -> Path:
         with zipfile.ZipFile(root / f"images_{split}.zip", "w", zipfile.ZIP_DEFLATED) as zf:
             for name, content in members.items():
                 if name.startswith(f"images_{split}/"):
-                    zf.writestr(name, content)
+                    # A fixed timestamp: writestr(name) stamps the current time, so two writes of the same
+                    # members a second apart would otherwise differ in bytes (and in cache key).
+                    zf.writestr(zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0)), content, zipfile.ZIP_DEFLATED)
     return root
 
 
