@@ -8,6 +8,7 @@ ANIL adapts only the `head.*` parameters; Prototypical Networks use the body alo
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from platform.config import RunConfig
@@ -28,16 +29,44 @@ class MLP(nn.Module):
         return self.head(features) if self.head is not None else features
 
 
-def _conv_block(in_channels: int, width: int) -> nn.Sequential:
+def _conv_block(in_channels: int, width: int, block=nn.Sequential) -> nn.Sequential:
     # BatchNorm always uses the batch's statistics (no running averages), as in the MAML paper.
     # Pooling before the ReLU gives exactly the paper's conv-BN-ReLU-pool (ReLU is monotone, so it
     # commutes with max; gradients are identical too) with the ReLU on a quarter of the values.
-    return nn.Sequential(
+    return block(
         nn.Conv2d(in_channels, width, 3, padding=1),
         nn.BatchNorm2d(width, track_running_stats=False),
         nn.MaxPool2d(2),
         nn.ReLU(),
     )
+
+
+class ImageBlock(nn.Sequential):
+    """The first conv-BN-pool-ReLU block, on the input images, computed as one matrix product.
+
+    With batch statistics, BatchNorm(conv(x)) at a pixel is an affine map of its centred 3x3 patch p:
+        gamma_c * w_c . (p - mean(p)) / sqrt(w_c' Cov(p) w_c + eps) + beta_c
+    and the patch mean and covariance depend on the images alone. So they are computed once, in
+    float64, and one addmm writes the normalised 64-channel output (channels-last) instead of a
+    convolution, a BatchNorm and their backward passes each sweeping the largest tensor of the
+    network (15 MB for 75 query images): the same function and gradients, ~1.3x faster per task on
+    CPU, and more accurate than fp32 BatchNorm. The conv bias cancels in BatchNorm; it stays in the
+    graph so that its gradient is an exact zero rather than missing.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv, bn, pool, relu = self
+        n, _, height, width = x.shape
+        patches = F.unfold(x, conv.kernel_size, padding=conv.padding).transpose(1, 2).reshape(n * height * width, -1)
+        patches = patches.double()
+        patches = patches - patches.mean(0)
+        covariance = patches.T @ patches / patches.shape[0]
+        weight = conv.weight.flatten(1)
+        variance = ((weight.double() @ covariance) * weight.double()).sum(1).to(x.dtype)
+        weight = weight * (bn.weight * torch.rsqrt(variance + bn.eps)).unsqueeze(1)
+        out = torch.addmm(bn.bias + (conv.bias - conv.bias), patches.to(x.dtype), weight.T)
+        out = out.view(n, height, width, -1).permute(0, 3, 1, 2)  # NCHW view of channels-last memory
+        return relu(pool(out)).contiguous()
 
 
 class Conv4(nn.Module):
@@ -46,7 +75,7 @@ class Conv4(nn.Module):
     def __init__(self, in_channels: int, width: int, out_features: int | None):
         super().__init__()
         self.body = nn.Sequential(
-            _conv_block(in_channels, width),
+            _conv_block(in_channels, width, ImageBlock),
             _conv_block(width, width),
             _conv_block(width, width),
             _conv_block(width, width),
