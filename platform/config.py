@@ -14,8 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-ALGORITHMS = ("maml", "fomaml", "reptile", "protonet", "anil", "metasgd")
-TASK_KINDS = ("sinusoid", "omniglot", "folder")
+VECTORIZABLE = ("maml", "fomaml", "anil", "metasgd")  # algorithms with a vmap path (resources.vectorize)
 
 
 class _Loader(yaml.SafeLoader):
@@ -85,6 +84,13 @@ class ResourcesConfig(_Section):
     workers: int = Field(2, gt=0, description="adaptation actors")
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
+    vectorize: Literal["auto", "loop", "vmap"] = Field(
+        "auto",
+        description=(
+            "how a worker computes a chunk of tasks: loop (one task after another, fastest on CPU), "
+            "vmap (one batched computation, for GPUs); auto: vmap on a GPU, loop on CPU"
+        ),
+    )
     placement: Literal["SPREAD", "PACK"] = "SPREAD"
     worker_timeout_s: float = Field(600.0, gt=0, description="a worker silent this long on one call is treated as dead")
     start_timeout_s: float = Field(120.0, gt=0, description="how long to wait for workers to be placed and started")
@@ -240,6 +246,11 @@ def check(config: RunConfig) -> list[str]:
             problems.append(f"model.kind = {config.model.kind!r}: sinusoid regression needs model.kind 'mlp'")
         if config.algorithm == "protonet":
             problems.append("algorithm = 'protonet': prototypical networks need a classification task, not sinusoid")
+    if config.resources.vectorize == "vmap" and config.algorithm not in VECTORIZABLE:
+        problems.append(
+            f"resources.vectorize = 'vmap': not available for algorithm {config.algorithm!r} "
+            f"(only {', '.join(VECTORIZABLE)}); use 'auto' or 'loop'"
+        )
     chunks = -(-config.optim.meta_batch // config.optim.chunk)
     if config.resources.workers > chunks:
         problems.append(

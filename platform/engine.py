@@ -72,11 +72,11 @@ def chunked(seeds: list[int], size: int) -> list[list[int]]:
     return [seeds[i : i + size] for i in range(0, len(seeds), size)]
 
 
-def build(config: RunConfig):
-    """(model, algorithm, initial meta-parameters): the same in the driver and in every actor."""
+def build(config: RunConfig, device: torch.device | str = "cpu"):
+    """(model, algorithm for `device`, initial meta-parameters): the same in the driver and in every actor."""
     torch.manual_seed(config.seed)
     model = build_model(config)
-    algorithm = build_algorithm(config, model)
+    algorithm = build_algorithm(config, model, device)
     return model, algorithm, algorithm.init_params()
 
 
@@ -89,7 +89,7 @@ class AdaptationWorker:
         self.device = torch.device("cuda" if gpus and torch.cuda.is_available() else "cpu")
         torch.set_num_threads(max(1, int(self.config.resources.cpus_per_worker)))
         tune_malloc()
-        self.model, self.algorithm, self.template = build(self.config)
+        self.model, self.algorithm, self.template = build(self.config, self.device)
         self.model.to(self.device)
         self.samplers = {"train": task_sampler(self.config.task, "train")}
 

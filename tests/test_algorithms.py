@@ -5,6 +5,8 @@ on tiny models: the algorithms only see the model through `functional_call`, so 
 and inputs give float64 results whatever the module's own dtype.
 """
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,7 @@ from platform.algorithms import (
     PrototypicalNetwork,
     Reptile,
     build_algorithm,
+    vectorized,
 )
 from platform.config import RunConfig
 from platform.models import MLP, Conv4
@@ -490,6 +493,43 @@ def test_outer_grad_of_a_list_is_the_sum_over_its_tasks(name):
     assert metrics["loss"] == pytest.approx(sum(m["loss"] for _, m in alone), rel=1e-12)
     assert metrics["accuracy"] == pytest.approx(sum(m["accuracy"] for _, m in alone), rel=1e-12)
     assert all(torch.equal(params[k], v) for k, v in double(algo.init_params()).items())  # inputs untouched
+
+
+VMAP_CASES = {
+    "maml-mlp": (lambda: maml(mlp(), steps=2), False),
+    "fomaml-mlp": (lambda: maml(mlp(), steps=2, first_order=True), False),
+    "metasgd-mlp": (lambda: maml(mlp(), steps=2, learn_inner_lr=True), False),
+    "maml-conv4": (lambda: maml(Conv4(1, 4, 3), inner_lr=0.3, steps=2, classification=True), True),
+    "fomaml-conv4": (lambda: maml(Conv4(1, 4, 3), inner_lr=0.3, first_order=True, classification=True), True),
+    "anil-conv4": (lambda: maml(Conv4(1, 4, 3), inner_lr=0.3, steps=2, classification=True, head_only=True), True),
+    "metasgd-conv4": (lambda: maml(Conv4(1, 4, 3), inner_lr=0.3, classification=True, learn_inner_lr=True), True),
+}
+
+
+@pytest.mark.parametrize("name", list(VMAP_CASES))
+def test_vectorized_outer_grad_equals_the_task_loop(name):
+    """resources.vectorize=vmap: one batched torch.func computation, the same meta-gradient as the loop."""
+    make, classification = VMAP_CASES[name]
+    torch.manual_seed(0)
+    loop = make()
+    batched = dataclasses.replace(loop, vectorized=True)
+    params = double(loop.init_params())
+    tasks = [image_task(s, size=28) if classification else regression_task(s) for s in (30, 31, 32)]
+    expected, expected_metrics = loop.outer_grad(params, tasks)
+    grads, metrics = batched.outer_grad(params, tasks)
+    assert_params_close(grads, expected, rtol=1e-10, atol=1e-13)
+    assert metrics["tasks"] == 3
+    assert metrics["loss"] == pytest.approx(expected_metrics["loss"], rel=1e-10)
+    assert metrics["accuracy"] == pytest.approx(expected_metrics["accuracy"], rel=1e-6)  # float32 means
+
+
+def test_vectorize_auto_batches_on_gpus_only():
+    config = lambda **resources: RunConfig.model_validate({"algorithm": "maml", "resources": resources})
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not vectorized(config(), cpu) and vectorized(config(), cuda)
+    assert vectorized(config(vectorize="vmap"), cpu) and not vectorized(config(vectorize="loop"), cuda)
+    assert not vectorized(RunConfig(algorithm="reptile"), cuda)  # no vmap path: auto keeps the loop
+    assert build_algorithm(config(vectorize="vmap"), mlp()).vectorized
 
 
 def test_evaluate_regression_improves_on_an_easy_task():

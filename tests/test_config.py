@@ -176,6 +176,14 @@ def test_more_workers_than_gradient_chunks():
     assert load_config(None, ["optim.meta_batch=8", "optim.chunk=4", "resources.workers=2"])
 
 
+@pytest.mark.parametrize("algorithm", ["reptile", "protonet"])
+def test_vmap_only_for_algorithms_that_have_it(algorithm):
+    (problem,) = problems_of(None, [*OMNIGLOT, f"algorithm={algorithm}", "resources.vectorize=vmap"])
+    assert "resources.vectorize = 'vmap'" in problem and repr(algorithm) in problem and "'loop'" in problem
+    assert load_config(None, [*OMNIGLOT, f"algorithm={algorithm}", "resources.vectorize=auto"])
+    assert load_config(None, [*OMNIGLOT, "algorithm=anil", "resources.vectorize=vmap"])
+
+
 def test_several_problems_are_all_reported(tmp_path):
     path = write(tmp_path / "c.yaml", "optim: {inner_lr: 0, outer_lr: -1}\nalgorithm: nope\n")
     problems = problems_of(path, ["optim.iner_lr=0.1", "task.wayz=3"])
