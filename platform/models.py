@@ -29,16 +29,22 @@ class MLP(nn.Module):
         return self.head(features) if self.head is not None else features
 
 
+class BatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d with the batch's statistics (no running averages, as in the MAML paper), always
+    computed on NCHW memory: PyTorch's channels-last CPU kernel sums the statistics in fp32 in one
+    pass, which measured ~1e-4 relative error on a 75-image query batch; the NCHW kernel is accurate."""
+
+    def __init__(self, width: int):
+        super().__init__(width, track_running_stats=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.contiguous())
+
+
 def _conv_block(in_channels: int, width: int, block=nn.Sequential) -> nn.Sequential:
-    # BatchNorm always uses the batch's statistics (no running averages), as in the MAML paper.
     # Pooling before the ReLU gives exactly the paper's conv-BN-ReLU-pool (ReLU is monotone, so it
     # commutes with max; gradients are identical too) with the ReLU on a quarter of the values.
-    return block(
-        nn.Conv2d(in_channels, width, 3, padding=1),
-        nn.BatchNorm2d(width, track_running_stats=False),
-        nn.MaxPool2d(2),
-        nn.ReLU(),
-    )
+    return block(nn.Conv2d(in_channels, width, 3, padding=1), BatchNorm(width), nn.MaxPool2d(2), nn.ReLU())
 
 
 class ImageBlock(nn.Sequential):
@@ -66,7 +72,7 @@ class ImageBlock(nn.Sequential):
         weight = weight * (bn.weight * torch.rsqrt(variance + bn.eps)).unsqueeze(1)
         out = torch.addmm(bn.bias + (conv.bias - conv.bias), patches.to(x.dtype), weight.T)
         out = out.view(n, height, width, -1).permute(0, 3, 1, 2)  # NCHW view of channels-last memory
-        return relu(pool(out)).contiguous()
+        return relu(pool(out))  # channels-last: the next convolution is fastest on it
 
 
 class Conv4(nn.Module):
