@@ -3,6 +3,7 @@
     python -m benchmarks.throughput                      # the full table of docs/benchmarks.md
     python -m benchmarks.throughput --settings maml-1    # one setting
     python -m benchmarks.throughput --tiny               # seconds: proves the harness works (CI)
+    python -m benchmarks.throughput --device cuda        # on a GPU node: reference and actors on its GPU
 
 For every setting (algorithm x inner steps) it runs, alternating in rounds so that machine noise
 hits all of them alike:
@@ -16,7 +17,8 @@ hits all of them alike:
              does, with 1 and with --workers actors.
 
 It prints tasks/s (median over rounds), platform / reference, GFLOP/s (FLOPs of one task's
-outer_grad counted with FlopCounterMode) against the measured fp32 matmul peak, the driver's share
+outer_grad counted with FlopCounterMode) against the measured fp32 (bf16 on GPU) matmul peak,
+both sides' meta-gradient error against the float64 truth, the driver's share
 of iteration time, bytes moved per iteration and the actors' peak RSS. Joins the Ray cluster in
 RAY_ADDRESS, else starts a local instance (like platform.train).
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -33,86 +36,38 @@ import time
 import numpy as np
 import ray
 import torch
-import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.reference import (
+    DEFAULT_CONFIG,
+    SETTINGS,
+    TINY,
+    Float64Truth,
+    flops_per_task,
+    matmul_peak,
+    reference_meta_grad,
+)
+from platform.algorithms import build, vectorized
 from platform.cli import run
 from platform.config import RunConfig, load_config
-from platform.engine import WorkerPool, build, chunked, flatten
-from platform.tasks import Task, iteration_seeds, task_sampler
+from platform.engine import WorkerPool, chunked, flatten
+from platform.tasks import iteration_seeds, task_sampler
 from platform.train import apply_meta_gradient, connect_ray, make_optimizer
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CONFIG = os.path.join(REPO, "configs", "omniglot-5w1s.yaml")
-# name -> (algorithm, inner steps)
-SETTINGS = {
-    "maml-1": ("maml", 1),
-    "maml-5": ("maml", 5),
-    "fomaml-1": ("fomaml", 1),
-    "anil-1": ("anil", 1),
-}
-TINY = ["model.width=8", "optim.meta_batch=8", "optim.chunk=2"]
-
-
-# --- the reference: independent of platform/algorithms.py --------------------------------------
-
-
-def ref_body(p: dict, x: torch.Tensor) -> torch.Tensor:
-    """Conv4's body written out: 4 x (conv 3x3, batch-statistics BatchNorm, ReLU, 2x2 max-pool), flatten."""
-    for i in range(4):
-        x = F.conv2d(x, p[f"body.{i}.0.weight"], p[f"body.{i}.0.bias"], padding=1)
-        x = F.batch_norm(x, None, None, p[f"body.{i}.1.weight"], p[f"body.{i}.1.bias"], training=True)
-        x = F.max_pool2d(F.relu(x), 2)
-    return x.flatten(1)
-
-
-def ref_head(p: dict, z: torch.Tensor) -> torch.Tensor:
-    return F.linear(z, p["head.weight"], p["head.bias"])
-
-
-def reference_meta_grad(
-    params: dict, tasks: list[Task], inner_lr: float, steps: int, first_order: bool, head_only: bool
-) -> tuple[dict, float]:
-    """Sum over tasks of the MAML / FOMAML / ANIL outer gradient, one task and one backward at a time."""
-    theta = {k: v.detach().requires_grad_() for k, v in params.items()}
-    total = {k: torch.zeros_like(v) for k, v in theta.items()}
-    loss_sum = 0.0
-    for task in tasks:
-        if head_only:  # ANIL: features once, only the head adapts
-            zs, zq = ref_body(theta, task.support_x), ref_body(theta, task.query_x)
-            adapted = ["head.weight", "head.bias"]
-            predict = ref_head
-        else:
-            zs, zq = task.support_x, task.query_x
-            adapted = list(theta)
-            predict = lambda p, x: ref_head(p, ref_body(p, x))
-        fast = dict(theta)
-        for _ in range(steps):
-            loss = F.cross_entropy(predict(fast, zs), task.support_y)
-            grads = torch.autograd.grad(loss, [fast[k] for k in adapted], create_graph=not first_order)
-            fast = fast | {k: fast[k] - inner_lr * g for k, g in zip(adapted, grads)}
-        query_loss = F.cross_entropy(predict(fast, zq), task.query_y)
-        grads = torch.autograd.grad(query_loss, list(theta.values()), allow_unused=True)
-        for k, g in zip(theta, grads):
-            if g is not None:
-                total[k] += g
-        loss_sum += query_loss.item()
-    return total, loss_sum
 
 
 class Reference:
     """The reference trainer: same initial parameters, tasks and Adam update as the platform."""
 
-    def __init__(self, config: RunConfig):
-        self.config = config
+    def __init__(self, config: RunConfig, device: torch.device):
+        self.config, self.device = config, device
         _, _, initial = build(config)
-        self.params = {k: torch.nn.Parameter(v) for k, v in initial.items()}
+        self.params = {k: torch.nn.Parameter(v.to(device)) for k, v in initial.items()}
         self.optimizer = torch.optim.Adam(self.params.values(), lr=config.optim.outer_lr)
         self.sampler = task_sampler(config.task, "train")
 
     def meta_grad(self, iteration: int) -> dict:
         o = self.config.optim
-        tasks = [self.sampler.sample(s) for s in iteration_seeds(self.config.seed, iteration, o.meta_batch)]
+        seeds = iteration_seeds(self.config.seed, iteration, o.meta_batch)
+        tasks = [self.sampler.sample(s).to(self.device) for s in seeds]
         grads, _ = reference_meta_grad(
             self.params,
             tasks,
@@ -128,6 +83,8 @@ class Reference:
         for k, p in self.params.items():
             p.grad = grads[k] / self.config.optim.meta_batch
         self.optimizer.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
 
 
 # --- the platform: the real engine, driven like platform.train ------------------------------------
@@ -180,47 +137,6 @@ class Platform:
 # --- measurements ---------------------------------------------------------------------------------
 
 
-def matmul_peak(n: int, seconds: float) -> float:
-    """fp32 GFLOP/s of an n x n torch.mm loop with all of torch's threads."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        torch.mm(a, b)
-        count += 1
-    return 2 * n**3 * count / (time.perf_counter() - start) / 1e9
-
-
-def flops_per_task(config: RunConfig) -> float:
-    """FLOPs of one task's outer_grad in the platform's algorithm."""
-    _, algorithm, params = build(config)
-    task = task_sampler(config.task, "train").sample(iteration_seeds(config.seed, 0, 1)[0])
-    with FlopCounterMode(display=False) as counter:
-        algorithm.outer_grad(params, [task])
-    return float(counter.get_total_flops())
-
-
-def in_float64(task: Task) -> Task:
-    return Task(task.support_x.double(), task.support_y, task.query_x.double(), task.query_y)
-
-
-def meta_grad_errors(config: RunConfig) -> dict[str, float]:
-    """Float32 meta-gradient error of the reference and of the platform against the float64 truth
-    (the reference computed in float64): the largest relative error over parameter tensors."""
-    _, algorithm, params = build(config)
-    sampler = task_sampler(config.task, "train")
-    tasks = [sampler.sample(s) for s in iteration_seeds(config.seed, 0, min(4, config.optim.meta_batch))]
-    o = config.optim
-    reference = lambda p, t: reference_meta_grad(
-        p, t, o.inner_lr, o.inner_steps, config.first_order, config.algorithm == "anil"
-    )[0]
-    truth = reference({k: v.double() for k, v in params.items()}, [in_float64(t) for t in tasks])
-    # Conv biases before batch-statistics BatchNorm have a true gradient of 0: only rounding noise to compare.
-    keys = [k for k in truth if not (k.startswith("body.") and k.endswith(".0.bias"))]
-    error = lambda grads: max(float((grads[k].double() - truth[k]).norm() / truth[k].norm()) for k in keys)
-    return {"reference": error(reference(params, tasks)), "platform": error(algorithm.outer_grad(params, tasks)[0])}
-
-
 def _cpu_times() -> tuple[int, int]:
     with open("/proc/stat") as f:
         values = [int(v) for v in f.readline().split()[1:]]
@@ -247,21 +163,27 @@ def wait_for_quiet(timeout: float, idle: float = 0.85) -> float:
 def run_setting(name: str, args, base_overrides: list[str], peak: float) -> dict:
     algorithm, steps = SETTINGS[name]
     overrides = [*base_overrides, f"algorithm={algorithm}", f"optim.inner_steps={steps}", "eval.every=0"]
-    configs = {
-        "reference": load_config(args.config, overrides + ["resources.workers=1"]),
-        "platform-1": load_config(args.config, overrides + ["resources.workers=1"]),
-        f"platform-{args.workers}": load_config(args.config, overrides + [f"resources.workers={args.workers}"]),
-    }
-    config = configs["reference"]
+    n = args.workers
+    config = load_config(args.config, overrides + ["resources.workers=1"])
     meta_batch = config.optim.meta_batch
     flops = flops_per_task(config)
-    errors = meta_grad_errors(config)
-    runners = {"reference": Reference(config)}
-    runners |= {k: Platform(c) for k, c in configs.items() if k != "reference"}
+    truth = Float64Truth(config)
+    _, algorithm, _ = build(config, args.device)
+    errors = {
+        "reference": truth.error(truth.reference, args.device),
+        "platform": truth.error(lambda p, t: algorithm.outer_grad(p, t)[0], args.device),
+    }
+    pool = lambda workers, *extra: load_config(args.config, [*overrides, f"resources.workers={workers}", *extra])
+    runners = {
+        "reference": Reference(config, args.device),
+        "platform-1": Platform(pool(1)),
+        f"platform-{n}": Platform(pool(n)),
+    }
     if args.ab_malloc:  # the same N actors without engine.tune_malloc
-        runners[f"p-{args.workers}-nomal"] = Platform(
-            configs[f"platform-{args.workers}"], {"METAPLATFORM_MALLOC_TUNING": "0"}
-        )
+        runners[f"p-{n}-nomal"] = Platform(pool(n), {"METAPLATFORM_MALLOC_TUNING": "0"})
+    if args.ab_vectorize:  # the same N actors on the path that resources.vectorize=auto does not pick
+        other = "loop" if vectorized(config, args.device) else "vmap"
+        runners[f"p-{n}-{other}"] = Platform(pool(n, f"resources.vectorize={other}"))
     rates = {k: [] for k in runners}
     driver = {k: [] for k in runners if k != "reference"}
     try:
@@ -294,7 +216,7 @@ def run_setting(name: str, args, base_overrides: list[str], peak: float) -> dict
                 "peak_fraction": rate * flops / 1e9 / peak,
             }
             if k == "reference":
-                row |= {"threads": torch.get_num_threads()}
+                row |= {"threads": torch.get_num_threads(), "device": str(args.device)}
             else:
                 rss = runner.peak_rss()
                 row |= {
@@ -340,7 +262,8 @@ def format_table(result: dict) -> str:
     ]
     for k, row in result["rows"].items():
         if k == "reference":
-            extra = f"{'-':>7} {'-':>9} {'-':>8} {'(' + str(row['threads']) + ' threads, driver)':>18}"
+            where = f"{row['threads']} threads" if row["device"] == "cpu" else row["device"]
+            extra = f"{'-':>7} {'-':>9} {'-':>8} {'(' + where + ', driver)':>18}"
         else:
             rss = "/".join(_mib(x) for x in row["peak_rss_per_actor"])
             extra = (
@@ -377,6 +300,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--ab-malloc", action="store_true", help="add a run of N actors with METAPLATFORM_MALLOC_TUNING=0 (A/B)"
     )
+    parser.add_argument(
+        "--ab-vectorize", action="store_true", help="add a run of N actors on the other path (loop / vmap)"
+    )
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="where the reference runs; cuda also puts every actor on this node's GPU (a share each)",
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. model.width=32)")
     args = parser.parse_args(argv)
     base = list(args.overrides)
@@ -390,14 +322,28 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
 
+    args.device = torch.device(args.device)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)  # the reference and the peak measurement get every core
-    peak = matmul_peak(512 if args.tiny else 2048, 0.3 if args.tiny else 2.0)
+    dtype, dtype_name = (torch.bfloat16, "bf16") if args.device.type == "cuda" else (torch.float32, "fp32")
+    peak = matmul_peak(
+        512 if args.tiny else (8192 if args.device.type == "cuda" else 2048),
+        0.3 if args.tiny else 2.0,
+        args.device,
+        dtype,
+    )
     print(f"cpu: {cpu_model()}, {threads} cores; torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"fp32 matmul peak (torch.mm, {torch.get_num_threads()} threads): {peak:.1f} GFLOP/s", flush=True)
+    if args.device.type == "cuda":
+        print(f"gpu: {torch.cuda.get_device_name(args.device)}")
+    print(f"{dtype_name} matmul peak (torch.mm on {args.device}): {peak:.1f} GFLOP/s", flush=True)
+    # The 1-actor, N-actor (and A/B) pools of a setting are alive at once: Ray must hold them all.
+    actors = 1 + args.workers * (1 + args.ab_malloc + args.ab_vectorize)
+    if args.device.type == "cuda":  # rounded down to Ray's 1e-4 resolution, so that the shares fit in one GPU
+        base.append(f"resources.gpus_per_worker={math.floor(1e4 / actors) / 1e4}")
     probe = load_config(args.config, base + [f"resources.workers={args.workers}"])
-    # The 1-actor, N-actor (and A/B) pools of a setting are alive at once.
-    connect_ray((1 + args.workers * (2 if args.ab_malloc else 1)) * probe.resources.cpus_per_worker)
+    connect_ray(actors * probe.resources.cpus_per_worker)
     results = []
     try:
         for name in names:
@@ -412,7 +358,10 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "cpu": cpu_model(),
                     "cores": threads,
+                    "device": str(args.device),
+                    "gpu": torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else None,
                     "matmul_peak_gflops": peak,
+                    "matmul_peak_dtype": dtype_name,
                     "argv": sys.argv,
                     "results": results,
                 },

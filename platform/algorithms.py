@@ -21,6 +21,7 @@ from torch import nn
 from torch.func import functional_call
 
 from platform.config import VECTORIZABLE, RunConfig
+from platform.models import build_model
 from platform.tasks import Task
 
 Params = dict[str, torch.Tensor]
@@ -233,3 +234,11 @@ def build_algorithm(config: RunConfig, model: nn.Module, device: torch.device | 
         learn_inner_lr=config.algorithm == "metasgd",
         vectorized=vectorized(config, device),
     )
+
+
+def build(config: RunConfig, device: torch.device | str = "cpu"):
+    """(model, algorithm for `device`, initial meta-parameters): the same in the driver and in every actor."""
+    torch.manual_seed(config.seed)
+    model = build_model(config)
+    algorithm = build_algorithm(config, model, device)
+    return model, algorithm, algorithm.init_params()

@@ -22,9 +22,8 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, OutOfMemoryEr
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from platform.algorithms import Params, build_algorithm
+from platform.algorithms import Params, build
 from platform.config import RunConfig
-from platform.models import build_model
 from platform.tasks import task_sampler
 
 GRAD_METRICS = ("loss", "accuracy", "tasks", "seconds")
@@ -70,14 +69,6 @@ def unflatten(flat: np.ndarray | torch.Tensor, like: Params) -> Params:
 
 def chunked(seeds: list[int], size: int) -> list[list[int]]:
     return [seeds[i : i + size] for i in range(0, len(seeds), size)]
-
-
-def build(config: RunConfig, device: torch.device | str = "cpu"):
-    """(model, algorithm for `device`, initial meta-parameters): the same in the driver and in every actor."""
-    torch.manual_seed(config.seed)
-    model = build_model(config)
-    algorithm = build_algorithm(config, model, device)
-    return model, algorithm, algorithm.init_params()
 
 
 class AdaptationWorker:

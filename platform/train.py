@@ -18,6 +18,7 @@ import numpy as np
 import ray
 import torch
 
+from platform.algorithms import build
 from platform.checkpoint import CheckpointStore
 from platform.cli import config_parser, run
 from platform.config import ConfigError, RunConfig, load_config
@@ -26,7 +27,6 @@ from platform.engine import (
     WorkerFailureError,
     WorkerPool,
     WorkerStartError,
-    build,
     chunked,
     flatten,
 )

@@ -17,6 +17,7 @@ from platform.algorithms import (
     GradientMetaLearner,
     PrototypicalNetwork,
     Reptile,
+    build,
     build_algorithm,
     vectorized,
 )
@@ -280,7 +281,7 @@ def test_reptile_driver_average(monkeypatch):
         worker = engine.AdaptationWorker(config.model_dump(mode="json"))
     finally:
         torch.set_num_threads(threads)  # the worker pins its process to cpus_per_worker threads
-    _, _, initial = engine.build(config)
+    _, _, initial = build(config)
     seeds = [11, 12, 13]
     rows = worker.outer_grads(engine.flatten(initial), engine.chunked(seeds, config.optim.chunk))
     assert rows.shape[0] == 2

@@ -85,8 +85,8 @@ def reference(ray_cluster, tmp_path_factory):
 
 
 def test_training_moves_the_parameters(reference, ray_cluster):
+    from platform.algorithms import build
     from platform.config import RunConfig
-    from platform.engine import build
 
     _, _, initial = build(RunConfig.model_validate({"task": {"kind": "sinusoid"}}))
     assert any(not torch.equal(initial[k], reference[k]) for k in reference)

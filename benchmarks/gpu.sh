@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The GPU row in one prepared run, for a node that has torch but neither Ray nor pydantic, and no
+# network (the workplace's lent GPU machines). From the repo root there:
+#   bash benchmarks/gpu.sh "$OUT"
+# Needs, carried beside the code (both git-ignored):
+#   .whl/      pydantic, pydantic-core, annotated-types, typing-inspection wheels for that python
+#              (docs/benchmarks.md, "GPU", has the pip download line)
+#   .omniglot/ images_background.zip and images_evaluation.zip (copied from ../shared/data/omniglot)
+# Writes adaptation-*.json and the log to the folder given (default: ./gpu-results).
+set -euo pipefail
+out="${1:-gpu-results}"
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
+export METAPLATFORM_OMNIGLOT="$PWD/.omniglot" METAPLATFORM_CACHE=/tmp/metaplatform-cache
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+# No wheel installed here, so no .pth start-up hook: import it by hand before platform.* (README).
+harness() {
+  python3 -c "import metaplatform_hook, runpy, sys; sys.argv = ['adaptation', *sys.argv[1:]]; \
+runpy.run_module('benchmarks.adaptation', run_name='__main__')" --device cuda "$@"
+}
+{
+  harness --settings maml-1,maml-5,fomaml-1,anil-1 --json "$out/adaptation-chunk4.json"
+  for chunk in 8 32; do
+    harness --settings maml-1,maml-5 --rounds 3 --json "$out/adaptation-chunk$chunk.json" "optim.chunk=$chunk"
+  done
+} 2>&1 | tee "$out/log.txt"
