@@ -168,10 +168,10 @@ def run_setting(name: str, args, base_overrides: list[str], peak: float) -> dict
     meta_batch = config.optim.meta_batch
     flops = flops_per_task(config)
     truth = Float64Truth(config)
-    _, algorithm, _ = build(config, args.device)
+    _, learner, _ = build(config, args.device)  # the path the actors take on this device
     errors = {
         "reference": truth.error(truth.reference, args.device),
-        "platform": truth.error(lambda p, t: algorithm.outer_grad(p, t)[0], args.device),
+        "platform": truth.error(lambda p, t: learner.outer_grad(p, t)[0], args.device),
     }
     pool = lambda workers, *extra: load_config(args.config, [*overrides, f"resources.workers={workers}", *extra])
     runners = {

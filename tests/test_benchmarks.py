@@ -81,7 +81,7 @@ def test_tiny_harness_runs_through_the_shared_ray_cluster(ray_cluster, tmp_path)
     result = json.loads(out_json.read_text())
     assert result["matmul_peak_gflops"] > 0
     (setting,) = result["results"]
-    assert setting["setting"] == "maml-1"
+    assert setting["setting"] == "maml-1" and setting["algorithm"] == "maml"
     assert setting["meta_grad_error"]["platform"] < RTOL
     rows = setting["rows"]
     assert set(rows) == {"reference", "platform-1", "platform-2", "p-2-vmap"}
