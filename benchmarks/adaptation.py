@@ -25,7 +25,14 @@ import time
 
 import torch
 
-from benchmarks.reference import DEFAULT_CONFIG, SETTINGS, TINY, Float64Truth, flops_per_task, matmul_peak
+from benchmarks.reference import (
+    SETTINGS,
+    Float64Truth,
+    add_common_arguments,
+    device_peak,
+    flops_per_task,
+    resolve_common_arguments,
+)
 from platform.algorithms import build
 from platform.cli import run
 from platform.config import load_config
@@ -111,29 +118,13 @@ def format_table(result: dict, peak: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help="base run config (default: omniglot-5w1s)")
-    parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, from {list(SETTINGS)}")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    add_common_arguments(parser, "where everything runs", "cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (medians are over these)")
-    parser.add_argument("--tiny", action="store_true", help="CI smoke: width 8, meta-batch 8, 1 round, maml-1")
-    parser.add_argument("--json", help="also write the results here")
-    parser.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. optim.chunk=16)")
     args = parser.parse_args(argv)
-    base = list(args.overrides)
+    names, base = resolve_common_arguments(parser, args)
     if args.tiny:
-        base, args.rounds = TINY + base, 1
-        if args.settings == ",".join(SETTINGS):
-            args.settings = "maml-1"
-    names = [s for s in args.settings.split(",") if s]
-    unknown = [s for s in names if s not in SETTINGS]
-    if unknown:
-        parser.error(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
-    args.device = torch.device(args.device)
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: torch sees no CUDA device here")
-
-    dtype, dtype_name = (torch.bfloat16, "bf16") if args.device.type == "cuda" else (torch.float32, "fp32")
-    peak = matmul_peak(512 if args.tiny else 8192 if args.device.type == "cuda" else 2048, 0.3, args.device, dtype)
+        args.rounds = 1
+    peak, dtype_name = device_peak(args.device, args.tiny)
     where = (
         torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else f"{torch.get_num_threads()} threads"
     )

@@ -4,6 +4,7 @@ the float64 truth that float32 meta-gradients are measured against."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 
@@ -72,6 +73,39 @@ def reference_meta_grad(
                 total[k] += g
         loss_sum += query_loss.item()
     return total, loss_sum
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, device_help: str, default_device: str = "cpu") -> None:
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="base run config (default: omniglot-5w1s)")
+    parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, from {list(SETTINGS)}")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=default_device, help=device_help)
+    parser.add_argument("--tiny", action="store_true", help="CI smoke: width 8, meta-batch 8, 1 round, maml-1")
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. optim.chunk=16)")
+
+
+def resolve_common_arguments(parser: argparse.ArgumentParser, args) -> tuple[list[str], list[str]]:
+    """(setting names, base config overrides); `args.device` becomes a torch.device. Usage errors exit 2."""
+    base = list(args.overrides)
+    if args.tiny:
+        base = TINY + base
+        if args.settings == ",".join(SETTINGS):
+            args.settings = "maml-1"
+    names = [s for s in args.settings.split(",") if s]
+    unknown = [s for s in names if s not in SETTINGS]
+    if unknown:
+        parser.error(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
+    args.device = torch.device(args.device)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
+    return names, base
+
+
+def device_peak(device: torch.device, tiny: bool) -> tuple[float, str]:
+    """(GFLOP/s, dtype name) of the device's matmul peak: fp32 on CPU, bf16 on GPU."""
+    if device.type == "cuda":
+        return matmul_peak(512 if tiny else 8192, 0.3 if tiny else 2.0, device, torch.bfloat16), "bf16"
+    return matmul_peak(512 if tiny else 2048, 0.3 if tiny else 2.0, device, torch.float32), "fp32"
 
 
 def matmul_peak(n: int, seconds: float, device: torch.device, dtype: torch.dtype) -> float:

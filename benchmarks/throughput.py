@@ -38,13 +38,13 @@ import ray
 import torch
 
 from benchmarks.reference import (
-    DEFAULT_CONFIG,
     SETTINGS,
-    TINY,
     Float64Truth,
+    add_common_arguments,
+    device_peak,
     flops_per_task,
-    matmul_peak,
     reference_meta_grad,
+    resolve_common_arguments,
 )
 from platform.algorithms import build, vectorized
 from platform.cli import run
@@ -287,13 +287,10 @@ def cpu_model() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help="base run config (default: omniglot-5w1s)")
-    parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, from {list(SETTINGS)}")
+    add_common_arguments(parser, "where the reference runs; cuda also gives every actor a share of this node's GPU")
     parser.add_argument("--workers", type=int, default=2, help="actors of the multi-actor platform run")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (medians are over these)")
     parser.add_argument("--iterations", type=int, default=2, help="meta-iterations per run per round")
-    parser.add_argument("--tiny", action="store_true", help="CI smoke: width 8, meta-batch 8, 1 round, maml-1")
-    parser.add_argument("--json", help="also write the results here")
     parser.add_argument(
         "--quiet-timeout", type=float, default=30.0, help="max seconds to wait for an idle machine before timing"
     )
@@ -303,37 +300,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--ab-vectorize", action="store_true", help="add a run of N actors on the other path (loop / vmap)"
     )
-    parser.add_argument(
-        "--device",
-        choices=["cpu", "cuda"],
-        default="cpu",
-        help="where the reference runs; cuda also puts every actor on this node's GPU (a share each)",
-    )
-    parser.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. model.width=32)")
     args = parser.parse_args(argv)
-    base = list(args.overrides)
+    names, base = resolve_common_arguments(parser, args)
     if args.tiny:
-        base = TINY + base
         args.rounds, args.iterations, args.quiet_timeout = 1, 1, min(args.quiet_timeout, 8.0)
-        if args.settings == ",".join(SETTINGS):
-            args.settings = "maml-1"
-    names = [s for s in args.settings.split(",") if s]
-    unknown = [s for s in names if s not in SETTINGS]
-    if unknown:
-        parser.error(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
 
-    args.device = torch.device(args.device)
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: torch sees no CUDA device here")
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)  # the reference and the peak measurement get every core
-    dtype, dtype_name = (torch.bfloat16, "bf16") if args.device.type == "cuda" else (torch.float32, "fp32")
-    peak = matmul_peak(
-        512 if args.tiny else (8192 if args.device.type == "cuda" else 2048),
-        0.3 if args.tiny else 2.0,
-        args.device,
-        dtype,
-    )
+    peak, dtype_name = device_peak(args.device, args.tiny)
     print(f"cpu: {cpu_model()}, {threads} cores; torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.device.type == "cuda":
         print(f"gpu: {torch.cuda.get_device_name(args.device)}")
