@@ -24,7 +24,9 @@ SETTINGS = {
     "maml-1": ("maml", 1),
     "maml-5": ("maml", 5),
     "fomaml-1": ("fomaml", 1),
+    "fomaml-5": ("fomaml", 5),
     "anil-1": ("anil", 1),
+    "anil-5": ("anil", 5),
 }
 TINY = ["model.width=8", "optim.meta_batch=8", "optim.chunk=2"]
 
