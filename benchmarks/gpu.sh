@@ -3,8 +3,8 @@
 # network (the workplace's lent GPU machines). From the repo root there:
 #   bash benchmarks/gpu.sh "$OUT"
 # Needs, carried beside the code (both git-ignored):
-#   .whl/      pydantic, pydantic-core, annotated-types, typing-inspection wheels for that python
-#              (docs/benchmarks.md, "GPU", has the pip download line)
+#   .whl/      pydantic, pydantic-core, annotated-types, typing-inspection, typing-extensions wheels
+#              for its Python 3.12 (docs/benchmarks.md, "Measuring on a GPU", has the pip line)
 #   .omniglot/ images_background.zip and images_evaluation.zip (copied from ../shared/data/omniglot)
 # Writes adaptation-*.json and the log to the folder given (default: ./gpu-results).
 set -euo pipefail
