@@ -104,9 +104,13 @@ class GradientMetaLearner:
         for _ in range(steps):
             loss, _ = _score(self._predict(params, z), y, self.classification)
             grads = torch.autograd.grad(loss, [params[k] for k in names], create_graph=create_graph)
-            lr = {k: params[INNER_LR + k] if self.learn_inner_lr else self.inner_lr for k in names}
-            params = params | {k: params[k] - lr[k] * g for k, g in zip(names, grads)}
+            params = self._descend(params, dict(zip(names, grads)))
         return params
+
+    def _descend(self, params: Params, grads: Params) -> Params:
+        """One inner step on the adapted parameters: a scalar rate, or Meta-SGD's learned per-parameter rates."""
+        lr = {k: params[INNER_LR + k] if self.learn_inner_lr else self.inner_lr for k in grads}
+        return params | {k: params[k] - lr[k] * g for k, g in grads.items()}
 
     def query_loss(self, params: Params, task: Task, steps: int, create_graph: bool):
         zs, zq = self._encode(params, task.support_x), self._encode(params, task.query_x)
@@ -132,8 +136,7 @@ class GradientMetaLearner:
             grads = torch.func.grad(self._support_loss)({k: fast[k] for k in names}, fast, zs, support_y)
             if self.first_order:  # detached at the outer level: no gradient through the inner step
                 grads = {k: g.detach() for k, g in grads.items()}
-            lr = {k: fast[INNER_LR + k] if self.learn_inner_lr else self.inner_lr for k in names}
-            fast = fast | {k: fast[k] - lr[k] * grads[k] for k in names}
+            fast = self._descend(fast, grads)
         loss, acc = _score(self._predict(fast, zq), query_y, self.classification)
         return loss, (loss, acc)
 

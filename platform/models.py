@@ -68,7 +68,8 @@ class ImageBlock(nn.Sequential):
         patches = patches - patches.mean(0)
         covariance = patches.T @ patches / patches.shape[0]
         weight = conv.weight.flatten(1)
-        variance = ((weight.double() @ covariance) * weight.double()).sum(1).to(x.dtype)
+        weight64 = weight.double()
+        variance = ((weight64 @ covariance) * weight64).sum(1).to(x.dtype)
         weight = weight * (bn.weight * torch.rsqrt(variance + bn.eps)).unsqueeze(1)
         out = torch.addmm(bn.bias + (conv.bias - conv.bias), patches.to(x.dtype), weight.T)
         out = out.view(n, height, width, -1).permute(0, 3, 1, 2)  # NCHW view of channels-last memory
