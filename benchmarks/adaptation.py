@@ -18,7 +18,6 @@ parameters and the sampled tasks hold.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -32,6 +31,7 @@ from benchmarks.reference import (
     device_peak,
     flops_per_task,
     resolve_common_arguments,
+    write_json,
 )
 from platform.algorithms import build
 from platform.cli import run
@@ -135,18 +135,13 @@ def main(argv: list[str] | None = None) -> int:
         results.append(run_setting(name, args, base))
         print(format_table(results[-1], peak), flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "device": str(args.device),
-                    "name": where,
-                    "matmul_peak_gflops": peak,
-                    "argv": sys.argv,
-                    "results": results,
-                },
-                f,
-                indent=2,
-            )
+        header = {
+            "device": str(args.device),
+            "name": where,
+            "matmul_peak_gflops": peak,
+            "matmul_peak_dtype": dtype_name,
+        }
+        write_json(args.json, header, results)
     return 0
 
 

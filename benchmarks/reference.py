@@ -5,7 +5,9 @@ the float64 truth that float32 meta-gradients are measured against."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import sys
 import time
 
 import torch
@@ -110,6 +112,19 @@ def device_peak(device: torch.device, tiny: bool) -> tuple[float, str]:
     return matmul_peak(512 if tiny else 2048, 0.3 if tiny else 2.0, device, torch.float32), "fp32"
 
 
+def config_meta_grad(config: RunConfig, params: dict, tasks: list[Task]) -> dict:
+    """reference_meta_grad with the run config's algorithm and inner loop."""
+    o = config.optim
+    head_only = config.algorithm == "anil"
+    return reference_meta_grad(params, tasks, o.inner_lr, o.inner_steps, config.first_order, head_only)[0]
+
+
+def write_json(path: str, header: dict, results: list[dict]) -> None:
+    """A harness's results file: what ran it (the header, the command line), then one entry per setting."""
+    with open(path, "w") as f:
+        json.dump(header | {"argv": sys.argv, "results": results}, f, indent=2)
+
+
 def matmul_peak(n: int, seconds: float, device: torch.device, dtype: torch.dtype) -> float:
     """GFLOP/s of an n x n torch.mm loop (on CPU with all of torch's threads)."""
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
@@ -154,8 +169,7 @@ class Float64Truth:
         self.keys = [k for k in self.truth if not (k.startswith("body.") and k.endswith(".0.bias"))]
 
     def reference(self, params: dict, tasks: list[Task]) -> dict:
-        c, o = self.config, self.config.optim
-        return reference_meta_grad(params, tasks, o.inner_lr, o.inner_steps, c.first_order, c.algorithm == "anil")[0]
+        return config_meta_grad(self.config, params, tasks)
 
     def error(self, meta_grad, device: torch.device) -> float:
         """Error of `meta_grad(params, tasks) -> grads` run in float32 on `device`."""

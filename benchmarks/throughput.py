@@ -26,7 +26,6 @@ RAY_ADDRESS, else starts a local instance (like platform.train).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -41,10 +40,11 @@ from benchmarks.reference import (
     SETTINGS,
     Float64Truth,
     add_common_arguments,
+    config_meta_grad,
     device_peak,
     flops_per_task,
-    reference_meta_grad,
     resolve_common_arguments,
+    write_json,
 )
 from platform.algorithms import build, vectorized
 from platform.cli import run
@@ -65,18 +65,8 @@ class Reference:
         self.sampler = task_sampler(config.task, "train")
 
     def meta_grad(self, iteration: int) -> dict:
-        o = self.config.optim
-        seeds = iteration_seeds(self.config.seed, iteration, o.meta_batch)
-        tasks = [self.sampler.sample(s).to(self.device) for s in seeds]
-        grads, _ = reference_meta_grad(
-            self.params,
-            tasks,
-            o.inner_lr,
-            o.inner_steps,
-            self.config.first_order,
-            self.config.algorithm == "anil",
-        )
-        return grads
+        seeds = iteration_seeds(self.config.seed, iteration, self.config.optim.meta_batch)
+        return config_meta_grad(self.config, self.params, [self.sampler.sample(s).to(self.device) for s in seeds])
 
     def step(self, iteration: int) -> None:
         grads = self.meta_grad(iteration)
@@ -327,21 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ray.shutdown()
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "cpu": cpu_model(),
-                    "cores": threads,
-                    "device": str(args.device),
-                    "gpu": torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else None,
-                    "matmul_peak_gflops": peak,
-                    "matmul_peak_dtype": dtype_name,
-                    "argv": sys.argv,
-                    "results": results,
-                },
-                f,
-                indent=2,
-            )
+        gpu = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else None
+        header = {"cpu": cpu_model(), "cores": threads, "device": str(args.device), "gpu": gpu}
+        write_json(args.json, header | {"matmul_peak_gflops": peak, "matmul_peak_dtype": dtype_name}, results)
     return 0
 
 
