@@ -210,7 +210,7 @@ def run_setting(name: str, args, base_overrides: list[str], peak: float) -> dict
             else:
                 rss = runner.peak_rss()
                 row |= {
-                    "workers": len(runner.pool.actors),
+                    "workers": len(runner.pool.live),
                     "driver_share": statistics.median(driver[k]),
                     "bytes_broadcast": runner.bytes_broadcast,
                     "bytes_returned": runner.bytes_returned,

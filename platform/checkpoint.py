@@ -7,11 +7,13 @@ may read it.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
 import re
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import torch
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"ckpt-(\d{8,})\.pt")
+_DIGEST = ".sha256"  # suffix of the sidecar holding a checkpoint's SHA-256
 
 # We load with weights_only=True: a checkpoint may come from a shared bucket, and the restricted
 # unpickler cannot run code, while our plain-data checkpoints need nothing more than torch's
@@ -146,7 +149,13 @@ class _S3Prefix:
 
 
 class CheckpointStore:
-    """Checkpoints under a local folder or an s3://bucket/prefix URI, named ckpt-<iteration:08d>.pt."""
+    """Checkpoints under a local folder or an s3://bucket/prefix URI, named ckpt-<iteration:08d>.pt.
+
+    Each checkpoint has a sidecar `ckpt-<iteration:08d>.pt.sha256` with the SHA-256 of its bytes,
+    written before it: a listed checkpoint always has its digest, and loading verifies it, so a
+    truncated or bit-flipped file is never taken for a good one. Old checkpoints are pruned only
+    after the new one has been read back and verified.
+    """
 
     def __init__(self, location: str | Path, keep: int = 3):
         if keep < 1:
@@ -158,24 +167,37 @@ class CheckpointStore:
             self._backend = _LocalFolder(location)
         self.location = self._backend.location
 
-    def save(self, state: dict, iteration: int) -> str:
-        """Write `state` as the checkpoint of `iteration`, return its path or URI, keep the newest `keep`."""
-        if iteration < 0:
-            raise ValueError(f"iteration must be >= 0, got {iteration}")
-        name = _name(iteration)
+    def uri(self, iteration: int) -> str:
+        return self._backend.uri(_name(iteration))
+
+    def encode(self, state: dict) -> bytes:
+        """`state` as checkpoint bytes; refuses now what load() would refuse, rather than at resume time."""
         buffer = io.BytesIO()
         torch.save(state, buffer)
         data = buffer.getvalue()
-        # Refuse now what load() would refuse, rather than at resume time.
         refused = torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data))
         if refused:
             raise CheckpointError(
-                f"{self._backend.uri(name)}: the state holds types that load() refuses: "
+                f"{self.location}: the state holds types that load() refuses: "
                 f"{sorted(refused)}; store plain data (dicts, lists, numbers, strings, tensors, arrays)"
             )
+        return data
+
+    def write(self, data: bytes, iteration: int) -> str:
+        """Store encoded checkpoint bytes as `iteration`, verify them, then prune; returns the path or URI."""
+        if iteration < 0:
+            raise ValueError(f"iteration must be >= 0, got {iteration}")
+        name = _name(iteration)
+        digest = hashlib.sha256(data).hexdigest()
+        self._backend.write(name + _DIGEST, digest.encode())
         self._backend.write(name, data)
+        self._verify(name, self._backend.read(name))
         self._prune(iteration)
         return self._backend.uri(name)
+
+    def save(self, state: dict, iteration: int) -> str:
+        """Write `state` as the checkpoint of `iteration`, return its path or URI, keep the newest `keep`."""
+        return self.write(self.encode(state), iteration)
 
     def iterations(self) -> list[int]:
         """Iterations of the complete checkpoints, ascending."""
@@ -187,27 +209,139 @@ class CheckpointStore:
         return iterations[-1] if iterations else None
 
     def load(self, iteration: int | None = None) -> dict:
-        """The checkpoint of `iteration` (the newest when None), with all tensors on the CPU."""
-        if iteration is None:
-            iteration = self.latest()
-            if iteration is None:
-                raise CheckpointError(f"{self.location}: no checkpoint to load")
+        """The checkpoint of `iteration`, with all tensors on the CPU; a damaged one raises CheckpointError.
+
+        With `iteration=None`, the newest intact checkpoint: damaged newer ones are skipped with a
+        warning naming them, and if none is intact the error names them all.
+        """
+        if iteration is not None:
+            return self._load(iteration)
+        bad = []
+        for candidate in reversed(self.iterations()):
+            try:
+                state = self._load(candidate)
+            except CheckpointError as e:
+                bad.append(str(e))
+                continue
+            for problem in bad:
+                log.warning("skipped a damaged checkpoint: %s; using %s", problem, self.uri(candidate))
+            return state
+        if bad:
+            raise CheckpointError(f"{self.location}: no intact checkpoint: " + "; ".join(bad))
+        raise CheckpointError(f"{self.location}: no checkpoint to load")
+
+    def _load(self, iteration: int) -> dict:
         name = _name(iteration)
         data = self._backend.read(name)
+        self._verify(name, data)
         # map_location="cpu" so a checkpoint written on a GPU loads anywhere; load_state_dict then
         # copies the tensors onto the model's device.
         with _raise_as_checkpoint_error(self._backend.uri(name), "unreadable checkpoint", Exception):
             return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
+    def _verify(self, name: str, data: bytes) -> None:
+        try:
+            expected = self._backend.read(name + _DIGEST).decode().strip()
+        except CheckpointError:
+            raise CheckpointError(
+                f"{self._backend.uri(name)}: damaged checkpoint: its digest {name}{_DIGEST} is missing"
+            ) from None
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected:
+            raise CheckpointError(
+                f"{self._backend.uri(name)}: damaged checkpoint: SHA-256 {actual[:12]}... of its {len(data)} bytes "
+                f"differs from the {expected[:12]}... recorded when it was written (truncated or corrupted)"
+            )
+
     def _prune(self, just_written: int) -> None:
-        old = [i for i in self.iterations()[: -self.keep] if i != just_written]
-        for iteration in old:
+        """Delete all but the newest `keep` checkpoints (never the one just written), and stray digests."""
+        names = set(self._backend.names())
+        old = {_name(i) for i in self.iterations()[: -self.keep] if i != just_written}
+        # A digest without its checkpoint is left by a writer that died between the two writes.
+        strays = {n for n in names if n.endswith(_DIGEST) and n.removesuffix(_DIGEST) not in names}
+        strays.discard(_name(just_written) + _DIGEST)
+        for name in sorted(old) + sorted(n + _DIGEST for n in old) + sorted(strays):
             # The checkpoint is already safe, so a failed delete must not fail the save; the next
             # save retries it.
             try:
-                self._backend.delete(_name(iteration))
+                self._backend.delete(name)
             except CheckpointError as e:
                 log.warning("could not prune an old checkpoint: %s", e)
+
+
+class CheckpointWriter:
+    """Writes checkpoints in a background thread, so unreachable storage never stalls training.
+
+    `submit` encodes the state at once (the caller's tensors may change right after) and queues the
+    bytes; a newer submission supersedes one not yet written. A failed write is retried with
+    exponential back-off (up to `max_backoff_s`); the first failure of an outage and the recovery
+    are each reported once. `flush(timeout_s)` waits for the newest submission to land.
+    """
+
+    def __init__(self, store: CheckpointStore, report=log.warning, max_backoff_s: float = 30.0):
+        self.store, self.report, self.max_backoff_s = store, report, max_backoff_s
+        self.written: str | None = None  # path or URI of the newest checkpoint written
+        self._pending: tuple[int, bytes] | None = None
+        self._busy = False  # a write is in progress
+        self._error: str | None = None  # set while storage fails
+        self._closed = False
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, state: dict, iteration: int) -> str:
+        """Queue `state` as the checkpoint of `iteration`; returns where it will be."""
+        data = self.store.encode(state)
+        with self._changed:
+            self._pending = (iteration, data)
+            self._changed.notify_all()
+        return self.store.uri(iteration)
+
+    def flush(self, timeout_s: float) -> str:
+        """Wait until every submitted checkpoint is written; CheckpointError after `timeout_s`."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._pending is None and not self._busy, timeout=timeout_s):
+                iteration = self._pending[0] if self._pending else None
+                raise CheckpointError(
+                    f"{self.store.uri(iteration) if iteration is not None else self.store.location}: "
+                    f"still not written after {timeout_s:g}s of retrying ({self._error}); the newest "
+                    f"checkpoint written is {self.written or 'none'}"
+                )
+            return self.written
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        backoff = 1.0
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._pending is not None or self._closed)
+                if self._closed:
+                    return
+                (iteration, data), self._pending, self._busy = self._pending, None, True
+            try:
+                where = self.store.write(data, iteration)
+            except CheckpointError as e:
+                with self._changed:
+                    if self._error is None:
+                        self.report(f"checkpoint storage failed ({e}); training goes on, retrying with back-off")
+                    self._error = str(e)
+                    if self._pending is None:  # nothing newer to write instead: retry this one
+                        self._pending = (iteration, data)
+                    self._busy = False
+                    self._changed.notify_all()
+                    self._changed.wait_for(lambda: self._closed, timeout=backoff)
+                    backoff = min(2 * backoff, self.max_backoff_s)
+                continue
+            with self._changed:
+                if self._error is not None:
+                    self.report(f"checkpoint storage is back: wrote {where}")
+                self.written, self._error, self._busy, backoff = where, None, False, 1.0
+                self._changed.notify_all()
 
 
 def load_checkpoint(location: str | Path) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from platform.checkpoint import CheckpointError
@@ -26,6 +27,7 @@ def config_parser(description: str) -> argparse.ArgumentParser:
 
 def run(main) -> None:
     """Run a command's main(); bad input prints one line per problem and exits 2, with no traceback."""
+    logging.basicConfig(format="%(levelname)s: %(message)s")  # our modules' warnings, one line each
     try:
         sys.exit(main())
     except ConfigError as e:

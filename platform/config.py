@@ -82,6 +82,11 @@ class OptimConfig(_Section):
 
 class ResourcesConfig(_Section):
     workers: int = Field(2, gt=0, description="adaptation actors")
+    min_workers: int = Field(
+        1,
+        gt=0,
+        description="carry on with this many actors while lost ones cannot be re-placed (results are unchanged)",
+    )
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
     vectorize: Literal["auto", "loop", "vmap"] = Field(
@@ -102,6 +107,11 @@ class CheckpointConfig(_Section):
     every: int = Field(500, gt=0)
     keep: int = Field(3, gt=0)
     resume: bool = False
+    write_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="how long a final checkpoint keeps retrying unreachable storage before the run gives up on it",
+    )
 
 
 class EvalConfig(_Section):
@@ -250,6 +260,11 @@ def check(config: RunConfig) -> list[str]:
         problems.append(
             f"resources.vectorize = 'vmap': not available for algorithm {config.algorithm!r} "
             f"(only {', '.join(VECTORIZABLE)}); use 'auto' or 'loop'"
+        )
+    if config.resources.min_workers > config.resources.workers:
+        problems.append(
+            f"resources.min_workers = {config.resources.min_workers}: more than resources.workers = "
+            f"{config.resources.workers}"
         )
     chunks = -(-config.optim.meta_batch // config.optim.chunk)
     if config.resources.workers > chunks:

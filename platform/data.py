@@ -14,6 +14,7 @@ import io
 import json
 import os
 import shutil
+import sys
 import tempfile
 import urllib.request
 import zipfile
@@ -268,6 +269,8 @@ def _cached(kind: str, key_files: list[tuple[str, Path]], classes: Callable[[], 
             with open(entries / f"{entry.name}.lock", "a") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 if not entry.is_dir():  # another process may have built it while we waited
+                    # Said because it takes a while (about a minute for Omniglot), once per node.
+                    print(f"building the image cache {entry} (once per node and data set)", file=sys.stderr, flush=True)
                     _build_entry(entry, classes())
         except OSError as e:
             raise DataError(

@@ -14,12 +14,16 @@ from __future__ import annotations
 import ctypes
 import os
 import time
+from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
 import ray
 import torch
+from ray import ObjectRef
+from ray.actor import ActorHandle
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, OutOfMemoryError, RayActorError, WorkerCrashedError
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from platform.algorithms import Params, build
@@ -118,21 +122,40 @@ class AdaptationWorker:
 
 
 class WorkerStartError(RuntimeError):
-    """Workers could not be placed or started in time."""
+    """Too few workers could be placed or started in time."""
 
 
 class WorkerFailureError(RuntimeError):
     """Workers failed more often than the config allows."""
 
 
+@dataclass(eq=False)
+class _Slot:
+    """One placement-group bundle and the actor in it: vacant, starting (`ready` pending) or live (`info`)."""
+
+    bundle: int
+    actor: ActorHandle | None = None
+    ready: ObjectRef | None = None
+    started: float = 0.0
+    info: dict | None = None
+    homeless: bool = False  # its bundle lost its node and has no new one yet (said once)
+
+
 class WorkerPool:
-    """`resources.workers` AdaptationWorker actors in one placement group, with failure handling.
+    """Up to `resources.workers` AdaptationWorker actors in one placement group, elastic under failures.
+
+    `map` splits a list of work items into one contiguous shard per live actor and returns the
+    result arrays in item order. Work is handed out from a queue: an actor that dies (its process, or
+    its whole node) or stays silent past `worker_timeout_s` is killed, and its shard goes back to the
+    queue for the next free actor. Since results are per item, never per actor, they are those of a
+    run without the failure.
+
+    A dead actor's bundle gets a new actor as soon as the bundle has a live node: at once if its node
+    is alive, or when Ray has re-placed the bundle of a lost node (which it does when the cluster has
+    room). Until then the pool carries on with fewer actors, down to `resources.min_workers`; below
+    that it waits up to `start_timeout_s` for capacity. Every failed start counts as a failure.
 
     `actor_env` adds environment variables to the actors' (e.g. to A/B an engine switch).
-    `map` splits a list of work items into one contiguous shard per actor, sends each actor its
-    shard in a single call and returns the result rows in item order. An actor that dies or stays
-    silent past `worker_timeout_s` is killed and replaced in its placement-group bundle, and its
-    shard runs again there; the results are those of a run without the failure.
     """
 
     def __init__(self, config: RunConfig, log=print, actor_env: dict[str, str] | None = None):
@@ -150,72 +173,157 @@ class WorkerPool:
                 f"{r.start_timeout_s:g}s; the cluster has {ray.cluster_resources()}"
             ) from None
         self.remote = ray.remote(AdaptationWorker)
-        self.actors = [self._start(i) for i in range(r.workers)]
-        self.infos = [self._wait_ready(i) for i in range(r.workers)]
+        self._started_once = False  # from then on, an actor becoming live is a restart
+        self.slots = [_Slot(i) for i in range(r.workers)]
+        for slot in self.slots:
+            self._start(slot)
+        self._wait_for_workers(r.workers)
 
-    def _start(self, index: int):
+    @property
+    def live(self) -> list[_Slot]:
+        return [s for s in self.slots if s.info is not None]
+
+    @property
+    def infos(self) -> list[dict]:
+        """pid, node and device of each live actor."""
+        return [s.info for s in self.live]
+
+    def _start(self, slot: _Slot) -> None:
         r = self.config.resources
-        return self.remote.options(
+        slot.actor = self.remote.options(
             num_cpus=r.cpus_per_worker,
             num_gpus=r.gpus_per_worker,
             max_restarts=0,
             runtime_env={"env_vars": self.actor_env} if self.actor_env else None,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=index),
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=slot.bundle),
         ).remote(self.config.model_dump(mode="json"))
+        slot.ready, slot.started = slot.actor.info.remote(), time.monotonic()
 
-    def _wait_ready(self, index: int) -> dict:
-        try:
-            return ray.get(self.actors[index].info.remote(), timeout=self.config.resources.start_timeout_s)
-        except GetTimeoutError:
-            raise WorkerStartError(
-                f"worker {index} did not start within resources.start_timeout_s={self.config.resources.start_timeout_s:g}s"
-            ) from None
-
-    def _replace(self, index: int, reason: str) -> None:
+    def _fail(self, slot: _Slot, reason: str) -> None:
+        """Count a failure, kill the actor and leave its slot vacant for `_refill`."""
         self.failures += 1
-        self.log(f"worker {index} (pid {self.infos[index]['pid']}) failed: {reason}")
+        who = f"pid {slot.info['pid']}" if slot.info else "starting"
+        self.log(f"worker {slot.bundle} ({who}) failed: {reason}")
+        if slot.actor is not None:
+            ray.kill(slot.actor, no_restart=True)
+        slot.actor = slot.ready = slot.info = None
         if self.failures > self.config.resources.max_worker_failures:
             raise WorkerFailureError(
                 f"{self.failures} worker failures, more than resources.max_worker_failures="
                 f"{self.config.resources.max_worker_failures}"
             )
-        ray.kill(self.actors[index], no_restart=True)
-        self.actors[index] = self._start(index)
-        self.infos[index] = self._wait_ready(index)
-        self.restarts += 1
-        self.log(f"worker {index} restarted (pid {self.infos[index]['pid']}); re-running its shard")
+
+    def _settle(self, finished: list[ObjectRef]) -> None:
+        """Starting actors whose `info` call in `finished` answered become live; those that died, or are
+        past `start_timeout_s`, fail."""
+        timeout = self.config.resources.start_timeout_s
+        for slot in self.slots:
+            if slot.ready is None:
+                continue
+            if slot.ready in finished:
+                try:
+                    info = ray.get(slot.ready)
+                except WORKER_FAILURES as e:
+                    self._fail(slot, f"could not start: {_first_line(e)}")
+                    continue
+                slot.info, slot.ready = info, None
+                if self._started_once:
+                    self.restarts += 1
+                    self.log(
+                        f"worker {slot.bundle} restarted (pid {info['pid']} on node {info['node'][:8]}); "
+                        f"{len(self.live)} of {len(self.slots)} workers"
+                    )
+                slot.homeless = False
+            elif time.monotonic() - slot.started > timeout:
+                self._fail(slot, f"did not start within resources.start_timeout_s={timeout:g}s")
+
+    def _refill(self) -> None:
+        """Start an actor in every vacant slot whose bundle has a live node; say once of each that has none."""
+        vacant = [s for s in self.slots if s.actor is None]
+        if not vacant:
+            return
+        table = placement_group_table(self.group)["bundles_to_node_id"]
+        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        for slot in vacant:
+            if table.get(slot.bundle) in alive:
+                self._start(slot)
+            elif not slot.homeless:
+                slot.homeless = True
+                self.log(
+                    f"worker {slot.bundle}: its node is gone and the cluster has no room for it now; carrying on "
+                    f"with {len(self.live)} of {len(self.slots)} workers (resources.min_workers="
+                    f"{self.config.resources.min_workers}) until it has"
+                )
+
+    def _wait_for_workers(self, count: int) -> None:
+        """Block until `count` actors are live, or raise WorkerStartError after `start_timeout_s`."""
+        r = self.config.resources
+        deadline = time.monotonic() + r.start_timeout_s
+        while len(self.live) < count:
+            if time.monotonic() > deadline:
+                raise WorkerStartError(
+                    f"only {len(self.live)} of {r.workers} workers alive, fewer than the {count} needed, and no "
+                    f"more could be started within resources.start_timeout_s={r.start_timeout_s:g}s; "
+                    f"the cluster has {ray.cluster_resources()}"
+                )
+            self._refill()
+            starting = [s.ready for s in self.slots if s.ready is not None]
+            finished = ray.wait(starting, num_returns=1, timeout=1.0)[0] if starting else time.sleep(1.0) or []
+            self._settle(finished)
+        self._started_once = True
 
     def map(self, method: str, items: list, *args) -> list[np.ndarray]:
-        """Call `actor.<method>(*args, shard)` on every actor; the per-actor result arrays, in item order."""
-        n = len(self.actors)
+        """Call `actor.<method>(*args, shard)` for one shard of `items` per live actor; the results in item order."""
+        r = self.config.resources
+        self._settle([])
+        self._refill()
+        if len(self.live) < r.min_workers:
+            self._wait_for_workers(r.min_workers)
+        n = len(self.live)
         bounds = np.linspace(0, len(items), n + 1).round().astype(int)
-        shards = [items[bounds[i] : bounds[i + 1]] for i in range(n)]
-        timeout = self.config.resources.worker_timeout_s
-
-        def submit(i: int):
-            return getattr(self.actors[i], method).remote(*args, shards[i]), time.monotonic() + timeout
-
-        pending = {i: submit(i) for i in range(n) if shards[i]}
+        shards = [items[bounds[k] : bounds[k + 1]] for k in range(n)]
+        queue = deque(k for k in range(n) if shards[k])
         results: list[np.ndarray | None] = [None] * n
-        while pending:
-            refs = {ref: i for i, (ref, _) in pending.items()}
-            wait_s = max(0.0, min(deadline for _, deadline in pending.values()) - time.monotonic())
-            ready, _ = ray.wait(list(refs), num_returns=1, timeout=wait_s)
-            for ref in ready:
-                i = refs[ref]
+        running: dict[ObjectRef, tuple[_Slot, int, float]] = {}  # call -> (slot, shard, deadline)
+        while queue or running:
+            busy = {slot for slot, _, _ in running.values()}
+            for slot in [s for s in self.live if s not in busy]:
+                if not queue:
+                    break
+                k = queue.popleft()
+                call = getattr(slot.actor, method).remote(*args, shards[k])
+                running[call] = (slot, k, time.monotonic() + r.worker_timeout_s)
+            if not running:  # shards left and no live actor to take them
+                self._wait_for_workers(max(1, r.min_workers))
+                continue
+            starting = [s.ready for s in self.slots if s.ready is not None]
+            wait_s = max(0.0, min(deadline for _, _, deadline in running.values()) - time.monotonic())
+            finished, _ = ray.wait([*running, *starting], num_returns=1, timeout=wait_s)
+            for call in [c for c in finished if c in running]:
+                slot, k, _ = running.pop(call)
                 try:
-                    results[i] = ray.get(ref)
-                    del pending[i]
+                    results[k] = ray.get(call)
                 except WORKER_FAILURES as e:
-                    self._replace(i, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-                    pending[i] = submit(i)
-            for i, (_, deadline) in list(pending.items()):
+                    self._fail(slot, _first_line(e))
+                    queue.append(k)
+            for call, (slot, k, deadline) in list(running.items()):
                 if time.monotonic() > deadline:
-                    self._replace(i, f"no answer within resources.worker_timeout_s={timeout:g}s")
-                    pending[i] = submit(i)
-        return [r for r in results if r is not None]
+                    del running[call]
+                    self._fail(slot, f"no answer within resources.worker_timeout_s={r.worker_timeout_s:g}s")
+                    queue.append(k)
+            self._settle(finished)
+            self._refill()
+            if len(self.live) + sum(s.ready is not None for s in self.slots) < r.min_workers:
+                self._wait_for_workers(r.min_workers)
+        return [res for res in results if res is not None]
 
     def shutdown(self) -> None:
-        for actor in self.actors:
-            ray.kill(actor, no_restart=True)
+        for slot in self.slots:
+            if slot.actor is not None:
+                ray.kill(slot.actor, no_restart=True)
         remove_placement_group(self.group)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error)
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"

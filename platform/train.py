@@ -17,9 +17,10 @@ import time
 import numpy as np
 import ray
 import torch
+from ray.exceptions import RayError, RayTaskError
 
 from platform.algorithms import build
-from platform.checkpoint import CheckpointStore
+from platform.checkpoint import CheckpointError, CheckpointStore, CheckpointWriter
 from platform.cli import config_parser, run
 from platform.config import ConfigError, RunConfig, load_config
 from platform.engine import (
@@ -125,7 +126,7 @@ def train(config: RunConfig) -> dict:
         if store.latest() is None:
             print(f"no checkpoint in {config.checkpoint.dir}: starting from iteration 0")
         else:
-            state = store.load()
+            state = store.load()  # the newest intact one
             conflicts = resume_conflicts(state["config"], config)
             if conflicts:
                 raise ConfigError([f"--resume from {store.location}: {c}" for c in conflicts])
@@ -137,7 +138,10 @@ def train(config: RunConfig) -> dict:
             iteration, history = state["iteration"], state["history"]
             print(f"resumed from {config.checkpoint.dir} at iteration {iteration}")
 
-    def checkpoint() -> str:
+    writer = CheckpointWriter(store, report=warn)
+
+    def checkpoint(final: bool = False) -> str:
+        """Queue a checkpoint of the current state; a final one is waited for (bounded)."""
         state = {
             "iteration": iteration,
             "params": {k: v.detach().clone() for k, v in params.items()},
@@ -147,18 +151,24 @@ def train(config: RunConfig) -> dict:
             "history": history,
             # No RNG state: every random draw is a function of (seed, iteration), see tasks.py.
         }
-        return store.save(state, iteration)
+        where = writer.submit(state, iteration)
+        if final:
+            writer.flush(config.checkpoint.write_timeout_s)
+        return where
 
     connect_ray(config.resources.workers * config.resources.cpus_per_worker)
     stop = StopRequest()
-    pool = None
+    pool, failure = None, None
     try:
         pool = WorkerPool(config)
-        print(f"{len(pool.actors)} workers: " + ", ".join(f"pid {i['pid']} ({i['device']})" for i in pool.infos))
+        print(
+            f"{len(pool.live)} workers: "
+            + ", ".join(f"pid {i['pid']} ({i['device']} on node {i['node'][:8]})" for i in pool.infos)
+        )
         window_start, window_tasks, window_driver = time.perf_counter(), 0, 0.0
         # Training wall time so far, without meta-validation: what time-to-accuracy is measured in.
         train_seconds = history[-1]["train_s"] if history else 0.0
-        while iteration < o.iterations:
+        while iteration < o.iterations and not stop.signal:
             t0 = time.perf_counter()
             flat_ref = ray.put(flatten(params))
             chunks = chunked(iteration_seeds(config.seed, iteration, o.meta_batch), o.chunk)
@@ -201,32 +211,58 @@ def train(config: RunConfig) -> dict:
                 )
                 window_start += time.perf_counter() - eval_start  # keep tasks/s about training
             history.append(record)
-            if stop.signal:
-                where = checkpoint()
-                print(
-                    f"{stop.signal}: stopped after iteration {iteration}; checkpoint {where}\n"
-                    f"resume with the same command plus --resume (or checkpoint.resume=true)",
-                    file=sys.stderr,
-                )
-                sys.exit(INTERRUPTED)
             if iteration % config.checkpoint.every == 0 and iteration < o.iterations:
                 checkpoint()
-        where = checkpoint()
     except (WorkerStartError, WorkerFailureError) as e:
-        where = checkpoint()
-        print(
-            f"error: {e}\nstopped after iteration {iteration}; checkpoint {where}; resume with --resume",
-            file=sys.stderr,
-        )
-        sys.exit(1)
+        failure = str(e)
+    except RayError as e:
+        if isinstance(e, RayTaskError):  # our own code failed inside an actor: a bug, shown in full
+            checkpoint_after_a_bug(checkpoint)
+            raise
+        failure = f"the Ray cluster failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    except BaseException:
+        checkpoint_after_a_bug(checkpoint)
+        raise
     finally:
         if pool is not None:
             pool.shutdown()
+    try:
+        where = checkpoint(final=True)
+    except CheckpointError as e:
+        print(f"error: the final checkpoint could not be written: {e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        writer.close()
+    if failure:
+        print(
+            f"error: {failure}\nstopped after iteration {iteration}; checkpoint {where}; resume with --resume",
+            file=sys.stderr,
+        )
+        sys.exit(1)
+    if stop.signal:
+        print(
+            f"{stop.signal}: stopped after iteration {iteration}; checkpoint {where}\n"
+            f"resume with the same command plus --resume (or checkpoint.resume=true)",
+            file=sys.stderr,
+        )
+        sys.exit(INTERRUPTED)
     print(
         f"done: {iteration} iterations, {pool.failures} worker failures, {pool.restarts} restarts; "
         f"final checkpoint {where}"
     )
-    return store.load()
+    return store.load(iteration)
+
+
+def checkpoint_after_a_bug(checkpoint) -> None:
+    """Keep the progress made before an unexpected error, without hiding the error itself."""
+    try:
+        print(f"unexpected error: checkpoint {checkpoint(final=True)}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - whatever broke the checkpoint, the original error matters more
+        print(f"unexpected error, and no checkpoint could be written: {e}", file=sys.stderr)
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

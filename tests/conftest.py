@@ -2,7 +2,6 @@
 
 import os
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -83,32 +82,19 @@ def s3_server():
     It also sets the standard AWS environment variables, so boto3 in this process and in
     subprocesses started by tests talks to it.
     """
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        wait_for_port(port)
-        yield endpoint
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    from services import S3Server
+
+    with S3Server() as server:
+        saved = {k: os.environ.get(k) for k in server.env}
+        os.environ.update(server.env)
+        try:
+            yield server.url
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 @pytest.fixture
@@ -119,3 +105,54 @@ def s3_bucket(s3_server) -> str:
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3").create_bucket(Bucket=name)
     return name
+
+
+# -- PostgreSQL, MLflow, Prometheus (tests/services.py): each started at most once per session,
+# and only when a test asks for it.
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """The session's private PostgreSQL 15 on 127.0.0.1 (password auth); a services.PostgresServer.
+
+    `postgres.create_database(name)` returns "postgresql://USER:PASS@127.0.0.1:PORT/name";
+    `postgres.connect(name)` gives a psycopg (3) connection.
+    """
+    from services import PostgresServer
+
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(postgres, s3_server):
+    """The session's real `mlflow server` (a services.MlflowServer): backend store = database
+    "mlflow" on `postgres`, artifacts proxied by the server to s3://<fresh bucket>/mlflow on the
+    `s3_server`. Clients use `mlflow.MlflowClient(mlflow_server.url)`.
+
+    A test that stops it (to simulate an outage) must start it again, in a `finally`: the same
+    object comes back on the same port with the same database.
+    """
+    import boto3
+    from services import MlflowServer
+
+    bucket = f"mlflow-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    # The server's boto3 reads the endpoint from MLFLOW_S3_ENDPOINT_URL (else AWS_ENDPOINT_URL) and
+    # credentials/region from the AWS_* variables s3_server put in os.environ.
+    env = {"MLFLOW_S3_ENDPOINT_URL": s3_server}
+    with MlflowServer(postgres.create_database("mlflow"), f"s3://{bucket}/mlflow", env=env) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def prometheus():
+    """The session's Prometheus (a services.PrometheusServer, 1 s scrape interval, no targets yet).
+
+    Point it at your exporters with `prometheus.set_targets(["127.0.0.1:PORT"])` (reloads the
+    config), then `prometheus.wait_for_targets_up()` and `prometheus.query("promql")`.
+    """
+    from services import PrometheusServer
+
+    with PrometheusServer([], scrape_interval="1s") as server:
+        yield server

@@ -30,6 +30,7 @@ Facts this relies on (Ray 2.60, read in the installed source and checked on a 2-
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -124,6 +125,7 @@ class LocalRayCluster:
         self.temp_dir: str | None = None
         self.startup_seconds: float | None = None
         self._proc: subprocess.Popen | None = None
+        self.nodes: list[RayNode] = []
         self._log_path: str | None = None
 
     # -- environments -------------------------------------------------------------------------
@@ -138,6 +140,46 @@ class LocalRayCluster:
         return {**environ, **self.env, **extra}
 
     # -- life cycle ---------------------------------------------------------------------------
+
+    def _node_env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        """The environment of a `ray start` (head or worker node): the token, and this venv first on PATH."""
+        return {
+            **self._clean_environ(),
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": self.token,
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "PYTHONUNBUFFERED": "1",  # so "Ray runtime started." reaches the log at once
+            # On SIGTERM `ray start --block` first drains the node, for up to 30 s by default (it took
+            # the full 30 s here when a test run was killed); a test cluster has nothing to drain.
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+            # Job entrypoints run `python ...` through this PATH: make it this venv's python.
+            "PATH": os.pathsep.join([str(VENV_BIN), os.environ.get("PATH", "")]),
+            **self.extra_env,
+            **(extra or {}),
+        }
+
+    def _launch(self, args: list[str], env: dict[str, str], log_path: str) -> subprocess.Popen:
+        """`ray start --block <args>` in a session of its own (so its processes can be found and killed)."""
+        cmd = [
+            sys.executable, "-c", _LAUNCHER, str(VENV_BIN / "ray"), "start", "--block", *args,
+            "--num-gpus", "0",
+            "--temp-dir", self.temp_dir,
+            "--disable-usage-stats",
+            "--log-style", "record",
+            "--log-color", "false",
+        ]  # fmt: skip
+        if self.object_store_memory:
+            cmd += ["--object-store-memory", str(self.object_store_memory)]
+        with open(log_path, "wb") as log:
+            return subprocess.Popen(
+                cmd,
+                env=env,
+                cwd=self.temp_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def start(self) -> Self:
         started = time.monotonic()
@@ -155,22 +197,8 @@ class LocalRayCluster:
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN": self.token,
         }
-        head_env = {
-            **self._clean_environ(),
-            "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN": self.token,
-            "RAY_USAGE_STATS_ENABLED": "0",
-            "PYTHONUNBUFFERED": "1",  # so "Ray runtime started." reaches the log at once
-            # On SIGTERM `ray start --block` first drains the node, for up to 30 s by default (it took
-            # the full 30 s here when a test run was killed); a test cluster has nothing to drain.
-            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-            # Job entrypoints run `python ...` through this PATH: make it this venv's python.
-            "PATH": os.pathsep.join([str(VENV_BIN), os.environ.get("PATH", "")]),
-            **self.extra_env,
-        }
-        cmd = [
-            sys.executable, "-c", _LAUNCHER,
-            str(VENV_BIN / "ray"), "start", "--head", "--block",
+        args = [
+            "--head",
             "--port", str(gcs_port),
             "--include-dashboard", "true",
             "--dashboard-host", "127.0.0.1",
@@ -179,24 +207,8 @@ class LocalRayCluster:
             "--ray-client-server-port", str(client_port),
             "--dashboard-agent-listen-port", str(agent_port),
             "--num-cpus", str(self.num_cpus),
-            "--num-gpus", "0",
-            "--temp-dir", self.temp_dir,
-            "--disable-usage-stats",
-            "--log-style", "record",
-            "--log-color", "false",
         ]  # fmt: skip
-        if self.object_store_memory:
-            cmd += ["--object-store-memory", str(self.object_store_memory)]
-        with open(self._log_path, "wb") as log:
-            self._proc = subprocess.Popen(
-                cmd,
-                env=head_env,
-                cwd=self.temp_dir,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # our own session: stop() finds every process by it
-            )
+        self._proc = self._launch(args, self._node_env(), self._log_path)
         try:
             self._wait_ready(time.monotonic() + self.startup_timeout)
         except BaseException:
@@ -225,6 +237,24 @@ class LocalRayCluster:
                 last = e
             time.sleep(0.25)
         raise TimeoutError(f"Ray head not ready after {self.startup_timeout}s ({last}):\n{self.log_tail()}")
+
+    def add_node(self, num_cpus: int = 1, env: dict[str, str] | None = None) -> RayNode:
+        """Start a worker node (`ray start --address <head>`) on this machine and wait until it has joined.
+
+        `env` adds to its environment (e.g. its own METAPLATFORM_CACHE: a node of its own disk).
+        """
+        node = RayNode(self, num_cpus, env)
+        self.nodes.append(node)
+        node.start()
+        return node
+
+    def node_states(self) -> list[dict]:
+        """The cluster's nodes as the state API lists them (node_id, state ALIVE/DEAD, resources_total, ...)."""
+        request = urllib.request.Request(
+            f"{self.dashboard_url}/api/v0/nodes?limit=1000", headers={"Authorization": f"Bearer {self.token}"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.load(response)["data"]["result"]["result"]
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -263,6 +293,9 @@ class LocalRayCluster:
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM `ray start --block` (it stops its processes), then kill whatever of ours is left."""
+        for node in self.nodes:
+            node.kill()
+        self.nodes = []
         if self._proc is not None:
             if self._proc.poll() is None:
                 self._proc.send_signal(signal.SIGTERM)
@@ -294,6 +327,72 @@ class LocalRayCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _session_pids(sid: int) -> list[int]:
+    mine = _ancestors()
+    return [
+        int(e)
+        for e in os.listdir("/proc")
+        if e.isdigit() and int(e) not in mine and (_proc_info(int(e)) or (0,))[0] == sid
+    ]
+
+
+class RayNode:
+    """A worker node of a LocalRayCluster: `ray start --address <head>` with its own raylet, agents and
+    worker processes, all in one process session, so `kill()` ends it the way a crashed host would."""
+
+    def __init__(self, cluster: LocalRayCluster, num_cpus: int, env: dict[str, str] | None):
+        self.cluster, self.num_cpus, self.extra_env = cluster, num_cpus, dict(env or {})
+        self.node_id: str | None = None
+        self._proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        before = {n["node_id"] for n in self.cluster.node_states()}
+        ports = [_free_port() for _ in range(6)]
+        args = [
+            "--address", self.cluster.address,
+            "--num-cpus", str(self.num_cpus),
+            # Every port a node opens, chosen free: the defaults of some of them are fixed and would clash.
+            "--node-manager-port", str(ports[0]),
+            "--object-manager-port", str(ports[1]),
+            "--dashboard-agent-listen-port", str(ports[2]),
+            "--dashboard-agent-grpc-port", str(ports[3]),
+            "--metrics-export-port", str(ports[4]),
+            "--runtime-env-agent-port", str(ports[5]),
+        ]  # fmt: skip
+        log_path = os.path.join(self.cluster.temp_dir, f"ray-node-{ports[0]}.log")
+        self._proc = self.cluster._launch(args, self.cluster._node_env(self.extra_env), log_path)
+        deadline = time.monotonic() + self.cluster.startup_timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"worker node exited with {self._proc.returncode}:\n{Path(log_path).read_text()}")
+            new = [
+                n["node_id"] for n in self.cluster.node_states() if n["node_id"] not in before and n["state"] == "ALIVE"
+            ]
+            if new:
+                self.node_id = new[0]
+                return
+            time.sleep(0.5)
+        self.kill()
+        raise TimeoutError(
+            f"worker node did not join within {self.cluster.startup_timeout}s:\n{Path(log_path).read_text()}"
+        )
+
+    def pids(self) -> list[int]:
+        return _session_pids(self._proc.pid) if self._proc else []
+
+    def kill(self) -> None:
+        """SIGKILL every process of the node at once: no drain, no goodbye to the GCS (a lost host)."""
+        if self._proc is None:
+            return
+        for pid in self.pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        self._proc.wait()
+        self._proc = None
 
 
 if __name__ == "__main__":

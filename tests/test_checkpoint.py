@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from platform.checkpoint import CheckpointError, CheckpointStore
+from platform.checkpoint import CheckpointError, CheckpointStore, CheckpointWriter
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -139,19 +139,68 @@ def test_empty_store(location):
     assert location.rstrip("/") in str(error.value)
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated"])
-def test_corrupt_newest_raises_naming_it(location, damage):
+def damaged(data: bytes, damage: str) -> bytes:
+    if damage == "truncated":
+        return data[: len(data) // 2]
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0x01  # one bit: torch.load may still read it, the digest does not match
+    return bytes(flipped)
+
+
+def read_raw(location: str, name: str) -> bytes:
+    if location.startswith("s3://"):
+        import boto3
+
+        bucket, _, prefix = location.removeprefix("s3://").partition("/")
+        return boto3.client("s3").get_object(Bucket=bucket, Key=f"{prefix}/{name}")["Body"].read()
+    return Path(location, name).read_bytes()
+
+
+@pytest.mark.parametrize("damage", ["bitflip", "truncated"])
+def test_damaged_newest_falls_back_to_the_newest_intact_one(location, damage, caplog):
     store = CheckpointStore(location)
     store.save({"iteration": 1}, 1)
     store.save(training_state(2)[0], 2)
-    data = b"\x00garbage" * 100 if damage == "garbage" else _saved_bytes(training_state(2)[0])[:2000]
-    put_raw(location, "ckpt-00000002.pt", data)
+    put_raw(location, "ckpt-00000002.pt", damaged(read_raw(location, "ckpt-00000002.pt"), damage))
 
-    assert store.latest() == 2  # no silent fall back to iteration 1
-    with pytest.raises(CheckpointError, match="unreadable checkpoint") as error:
-        store.load()
+    assert store.latest() == 2
+    assert store.load() == {"iteration": 1}
+    assert f"{location}/ckpt-00000002.pt: damaged checkpoint" in caplog.text  # the warning names it
+    with pytest.raises(CheckpointError, match="damaged checkpoint") as error:
+        store.load(2)  # asked for by number: no fall back
     assert f"{location}/ckpt-00000002.pt" in str(error.value)
-    assert store.load(1) == {"iteration": 1}
+
+
+def test_all_damaged_names_every_one(location):
+    store = CheckpointStore(location)
+    for iteration in (1, 2):
+        store.save({"iteration": iteration}, iteration)
+        name = f"ckpt-{iteration:08d}.pt"
+        put_raw(location, name, damaged(read_raw(location, name), "truncated"))
+
+    with pytest.raises(CheckpointError, match="no intact checkpoint") as error:
+        store.load()
+    assert f"{location}/ckpt-00000001.pt" in str(error.value) and f"{location}/ckpt-00000002.pt" in str(error.value)
+
+
+def test_a_checkpoint_without_its_digest_is_not_trusted(location):
+    store = CheckpointStore(location)
+    store.save({"iteration": 1}, 1)
+    put_raw(location, "ckpt-00000002.pt", _saved_bytes({"iteration": 2}))  # as an older version wrote them
+
+    assert store.load() == {"iteration": 1}
+    with pytest.raises(CheckpointError, match=r"its digest ckpt-00000002.pt.sha256 is missing"):
+        store.load(2)
+
+
+def test_pruning_waits_for_the_new_checkpoint_to_verify(tmp_path):
+    store = CheckpointStore(tmp_path, keep=1)
+    store.save({"iteration": 1}, 1)
+    store._backend.read = lambda name: b"what the disk gave back"  # a write that did not land intact
+
+    with pytest.raises(CheckpointError, match="damaged checkpoint"):
+        store.save({"iteration": 2}, 2)
+    assert (tmp_path / "ckpt-00000001.pt").exists()  # the intact one was not pruned to make room
 
 
 def _saved_bytes(state: dict) -> bytes:
@@ -237,5 +286,49 @@ def test_writer_killed_mid_write_leaves_previous_checkpoint(tmp_path):
     assert store.iterations() == [1]
     assert store.load() == {"iteration": 1}
 
-    store.save({"iteration": 3}, 3)  # cleans up the crashed writer's temp file
-    assert sorted(p.name for p in location.iterdir()) == ["ckpt-00000001.pt", "ckpt-00000003.pt"]
+    store.save({"iteration": 3}, 3)  # cleans up the crashed writer's temp file and its stray digest
+    assert sorted(p.name for p in location.iterdir()) == [
+        "ckpt-00000001.pt",
+        "ckpt-00000001.pt.sha256",
+        "ckpt-00000003.pt",
+        "ckpt-00000003.pt.sha256",
+    ]
+
+
+@pytest.fixture
+def restartable_s3(monkeypatch):
+    """An S3 server of the test's own, so it can be stopped and started (same port) as an outage."""
+    from services import S3Server
+
+    with S3Server() as server:
+        for k, v in server.env.items():
+            monkeypatch.setenv(k, v)
+        # Each attempt gives up fast: what is tested is our retrying, not boto3's.
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+        yield server
+
+
+def test_writer_retries_through_a_storage_outage_and_reports_it_twice(restartable_s3):
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket="ckpts")
+    reports = []
+    writer = CheckpointWriter(CheckpointStore("s3://ckpts/run"), report=reports.append, max_backoff_s=0.5)
+    try:
+        writer.submit({"iteration": 1}, 1)
+        assert writer.flush(30) == "s3://ckpts/run/ckpt-00000001.pt"
+        restartable_s3.stop()
+        for iteration in (2, 3, 4):  # training goes on: submit never blocks, the newest supersedes
+            assert writer.submit({"iteration": iteration}, iteration) == f"s3://ckpts/run/ckpt-{iteration:08d}.pt"
+        with pytest.raises(CheckpointError, match=r"ckpt-00000004.pt: still not written after 2s") as error:
+            writer.flush(2)
+        assert "newest checkpoint written is s3://ckpts/run/ckpt-00000001.pt" in str(error.value)
+        restartable_s3.start()  # an empty store again: moto keeps nothing
+        boto3.client("s3").create_bucket(Bucket="ckpts")
+        assert writer.flush(30) == "s3://ckpts/run/ckpt-00000004.pt"
+    finally:
+        writer.close()
+    assert len(reports) == 2, reports
+    assert reports[0].startswith("checkpoint storage failed (s3://ckpts/run/") and "retrying" in reports[0]
+    assert reports[1] == "checkpoint storage is back: wrote s3://ckpts/run/ckpt-00000004.pt"
+    assert CheckpointStore("s3://ckpts/run").load() == {"iteration": 4}

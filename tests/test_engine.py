@@ -11,12 +11,13 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+import driver_runs
 import numpy as np
 import pytest
 import torch
+from driver_runs import assert_same_params, finish, read_until
 
 from platform.checkpoint import CheckpointStore
 
@@ -34,45 +35,15 @@ BASE = [
 
 
 def start_train(cluster, checkpoint_dir, *overrides: str, env=None) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "platform.train", *BASE, f"checkpoint.dir={checkpoint_dir}", *overrides],
-        env=cluster.subprocess_env(**(env or {})),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    return driver_runs.start_train(cluster, *BASE, f"checkpoint.dir={checkpoint_dir}", *overrides, env=env)
 
 
 def run_train(cluster, checkpoint_dir, *overrides: str, env=None, timeout=240) -> str:
-    proc = start_train(cluster, checkpoint_dir, *overrides, env=env)
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, out
-    return out
-
-
-def read_until(proc: subprocess.Popen, pattern: str, timeout: float = 120) -> tuple[re.Match, str]:
-    """Read the driver's output line by line until `pattern` matches; returns the match and what was read."""
-    seen, deadline = [], time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        seen.append(line)
-        if match := re.search(pattern, line):
-            return match, "".join(seen)
-    raise AssertionError(f"no line matching {pattern!r} in:\n{''.join(seen)}")
+    return finish(start_train(cluster, checkpoint_dir, *overrides, env=env), timeout)
 
 
 def final_params(location) -> dict[str, torch.Tensor]:
-    state = CheckpointStore(location).load()
-    assert state["iteration"] == ITERATIONS
-    return state["params"]
-
-
-def assert_same_params(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k, value in a.items():
-        assert torch.equal(value, b[k]), f"{k} differs (max abs diff {(value - b[k]).abs().max():.3g})"
+    return driver_runs.final_params(location, ITERATIONS)
 
 
 @pytest.fixture(scope="module")
@@ -98,28 +69,42 @@ def test_same_parameters_whatever_the_number_of_workers(ray_cluster, reference, 
     assert_same_params(final_params(tmp_path), reference)
 
 
+# Failure runs go on past ITERATIONS, keeping every checkpoint, until the replacement actor has
+# joined; their state at ITERATIONS is compared with the reference, then they are stopped.
+LONGER = [f"optim.iterations={20 * ITERATIONS}", "checkpoint.keep=1000"]
+
+
+def stop_past_the_reference(proc) -> str:
+    while int(read_until(proc, r"iter\s+(\d+)/")[0][1]) <= ITERATIONS:
+        pass
+    proc.send_signal(signal.SIGINT)
+    return finish(proc, returncode=130)
+
+
+def reference_state(location):
+    return CheckpointStore(location).load(ITERATIONS)["params"]
+
+
 def test_a_killed_worker_is_replaced_and_the_result_is_unchanged(ray_cluster, reference, tmp_path):
-    proc = start_train(ray_cluster, tmp_path, "resources.workers=2")
+    proc = start_train(ray_cluster, tmp_path, "resources.workers=2", *LONGER)
     match, _ = read_until(proc, r"workers: pid (\d+)")
     read_until(proc, r"iter\s+30/")
     os.kill(int(match[1]), signal.SIGKILL)
-    out, _ = proc.communicate(timeout=240)
-    assert proc.returncode == 0, out
+    read_until(proc, r"worker 0 restarted \(pid \d+ on node \w+\); 2 of 2 workers")
+    out = stop_past_the_reference(proc)
     assert f"worker 0 (pid {match[1]}) failed" in out
-    assert "1 worker failures, 1 restarts" in out
-    assert_same_params(final_params(tmp_path), reference)
+    assert_same_params(reference_state(tmp_path), reference)
 
 
 def test_a_hung_worker_is_treated_as_dead(ray_cluster, reference, tmp_path):
-    proc = start_train(ray_cluster, tmp_path, "resources.workers=2", "resources.worker_timeout_s=3")
-    match, _ = read_until(proc, r"workers: pid \d+ \(\w+\), pid (\d+)")
+    proc = start_train(ray_cluster, tmp_path, "resources.workers=2", "resources.worker_timeout_s=3", *LONGER)
+    match, _ = read_until(proc, r"workers: pid \d+ \([^)]*\), pid (\d+)")
     read_until(proc, r"iter\s+30/")
     os.kill(int(match[1]), signal.SIGSTOP)  # alive but silent
-    out, _ = proc.communicate(timeout=240)
-    assert proc.returncode == 0, out
-    assert "no answer within resources.worker_timeout_s=3s" in out
-    assert "1 worker failures, 1 restarts" in out
-    assert_same_params(final_params(tmp_path), reference)
+    read_until(proc, r"worker 1 restarted")
+    out = stop_past_the_reference(proc)
+    assert f"worker 1 (pid {match[1]}) failed: no answer within resources.worker_timeout_s=3s" in out
+    assert_same_params(reference_state(tmp_path), reference)
 
 
 def test_no_workers_to_be_had_stops_with_a_message(ray_cluster, tmp_path):
@@ -190,3 +175,55 @@ def test_ray_job_submit(ray_cluster, tmp_path):
     assert "iter     30/30" in logs and "done: 30 iterations, 0 worker failures" in logs
     state = CheckpointStore(checkpoint_dir).load()
     assert state["iteration"] == 30 and np.isfinite(state["history"][-1]["val"]["loss"])
+
+
+def test_an_s3_outage_during_checkpoints_does_not_stop_training(ray_cluster, reference, tmp_path):
+    import boto3
+    from services import S3Server
+
+    with S3Server() as s3:
+        s3_env = {**s3.env, "AWS_MAX_ATTEMPTS": "2"}
+        client = boto3.client("s3", endpoint_url=s3.url, region_name="us-east-1")
+        client.create_bucket(Bucket="ckpts")
+        proc = start_train(ray_cluster, "s3://ckpts/run", "resources.workers=2", env=s3_env)
+        read_until(proc, r"iter\s+30/")
+        s3.stop()
+        read_until(proc, r"warning: checkpoint storage failed \(s3://ckpts/run/ckpt-00000040.pt")
+        read_until(proc, r"iter\s+(6|7|8|9)0/")  # training went on meanwhile
+        s3.start()  # same endpoint, empty store
+        client.create_bucket(Bucket="ckpts")
+        out = finish(proc)
+        assert out.count("warning: checkpoint storage failed") == 1 and "checkpoint storage is back" in out
+        for k, v in s3_env.items():  # read the store as a user would
+            os.environ[k] = v
+        store = CheckpointStore("s3://ckpts/run")
+        for iteration in store.iterations():  # nothing partial is listed: every one verifies
+            assert store.load(iteration)["iteration"] == iteration
+        assert_same_params(final_params("s3://ckpts/run"), reference)
+
+
+def test_resume_skips_a_damaged_newest_checkpoint(ray_cluster, reference, tmp_path):
+    proc = start_train(ray_cluster, tmp_path, "resources.workers=2")
+    read_until(proc, r"iter\s+70/")
+    proc.kill()
+    proc.communicate()
+    store = CheckpointStore(tmp_path)
+    *_, previous, newest = store.iterations()
+    path = tmp_path / f"ckpt-{newest:08d}.pt"
+    path.write_bytes(path.read_bytes()[:-100])  # truncated, as by a full disk
+    out = run_train(ray_cluster, tmp_path, "resources.workers=2", "--resume")
+    assert f"{path}: damaged checkpoint" in out and f"resumed from {tmp_path} at iteration {previous}" in out
+    assert_same_params(final_params(tmp_path), reference)
+
+
+def test_resume_with_every_checkpoint_damaged_names_them_and_exits_2(ray_cluster, tmp_path):
+    proc = start_train(ray_cluster, tmp_path, "resources.workers=2")
+    read_until(proc, r"iter\s+50/")
+    proc.kill()
+    proc.communicate()
+    names = [f"ckpt-{i:08d}.pt" for i in CheckpointStore(tmp_path).iterations()]
+    for name in names:
+        (tmp_path / name).write_bytes(b"\0" * 64)
+    out = finish(start_train(ray_cluster, tmp_path, "--resume"), returncode=2)
+    assert "no intact checkpoint" in out and all(str(tmp_path / n) in out for n in names)
+    assert "Traceback" not in out
