@@ -177,7 +177,7 @@ def test_ray_job_submit(ray_cluster, tmp_path):
     assert state["iteration"] == 30 and np.isfinite(state["history"][-1]["val"]["loss"])
 
 
-def test_an_s3_outage_during_checkpoints_does_not_stop_training(ray_cluster, reference, tmp_path):
+def test_an_s3_outage_during_checkpoints_does_not_stop_training(ray_cluster, reference, tmp_path, monkeypatch):
     import boto3
     from services import S3Server
 
@@ -194,8 +194,8 @@ def test_an_s3_outage_during_checkpoints_does_not_stop_training(ray_cluster, ref
         client.create_bucket(Bucket="ckpts")
         out = finish(proc)
         assert out.count("warning: checkpoint storage failed") == 1 and "checkpoint storage is back" in out
-        for k, v in s3_env.items():  # read the store as a user would
-            os.environ[k] = v
+        for k, v in s3_env.items():  # read the store as a user would (this test's server only)
+            monkeypatch.setenv(k, v)
         store = CheckpointStore("s3://ckpts/run")
         for iteration in store.iterations():  # nothing partial is listed: every one verifies
             assert store.load(iteration)["iteration"] == iteration
