@@ -151,6 +151,12 @@ class GradientMetaLearner:
         total = {k: g.sum(0) for k, g in grads.items()}
         return total, {"loss": loss.sum().item(), "accuracy": acc.sum().item(), "tasks": len(tasks)}
 
+    def adapted_predict(self, params: Params, task: Task, x: torch.Tensor, steps: int) -> torch.Tensor:
+        """Predictions at `x` after `steps` inner steps on the task's support set."""
+        params = _leaves(params)
+        fast = self.adapt(params, self._encode(params, task.support_x), task.support_y, steps, create_graph=False)
+        return self._predict(fast, self._encode(params, x)).detach()
+
     def evaluate(self, params: Params, task: Task, steps: int) -> Metrics:
         params = _leaves(params)  # the inner loop needs gradients; nothing flows back out
         zq = self._encode(params, task.query_x)

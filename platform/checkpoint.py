@@ -60,7 +60,7 @@ def _raise_as_checkpoint_error(where: str, doing: str, errors):
 
 class _LocalFolder:
     def __init__(self, location: str | Path):
-        self.root = Path(location).expanduser()
+        self.root = Path(location).expanduser().absolute()
         self.location = str(self.root)
         # Created now so that an unusable path fails when the store is made, not hours later.
         with _raise_as_checkpoint_error(self.location, "cannot create checkpoint folder", OSError):

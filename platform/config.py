@@ -119,6 +119,32 @@ class EvalConfig(_Section):
     tasks: int = Field(100, gt=0, description="meta-validation tasks")
 
 
+class TrackingConfig(_Section):
+    mlflow: bool = Field(True, description="log the run to MLflow")
+    uri: str | None = Field(
+        None,
+        description=(
+            "MLflow tracking URI; null: $MLFLOW_TRACKING_URI, else the embedded store "
+            "sqlite:///<working dir>/mlruns.db with artifacts in <working dir>/mlartifacts"
+        ),
+    )
+    experiment: str = Field("metaplatform", min_length=1, description="MLflow experiment name")
+    run_name: str | None = Field(None, description="MLflow run name (null: MLflow picks one)")
+    tags: dict[str, str] = Field({}, description="extra MLflow run tags")
+    register_as: str | None = Field(
+        None, min_length=1, description="register the final model as a new version of this registered model"
+    )
+    log_every: int = Field(20, gt=0, description="send training metrics to MLflow every N iterations")
+    flush_timeout_s: float = Field(
+        30.0,
+        ge=0,
+        description="at the end, how long to wait for an unreachable server before leaving the records in the spool",
+    )
+    prometheus_port: int = Field(
+        0, ge=0, le=65535, description="serve Prometheus metrics on this port of the driver (0: off)"
+    )
+
+
 class RunConfig(_Section):
     seed: int = Field(0, ge=0)
     task: TaskConfig = TaskConfig()
@@ -129,6 +155,7 @@ class RunConfig(_Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     eval: EvalConfig = EvalConfig()
     log_every: int = Field(50, gt=0, description="print a progress line every N iterations")
+    tracking: TrackingConfig = TrackingConfig()
 
     @property
     def classification(self) -> bool:
@@ -151,6 +178,38 @@ def _dotted_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
         else:
             keys.append(prefix + name)
     return keys
+
+
+def field_annotation(key: str) -> Any:
+    """The type annotation of the dotted key's field, e.g. float for 'optim.inner_lr'."""
+    model: type[BaseModel] = RunConfig
+    *sections, name = key.split(".")
+    for section in sections:
+        model = model.model_fields[section].annotation
+    return model.model_fields[name].annotation
+
+
+def is_key(key: str) -> bool:
+    return key in _dotted_keys(RunConfig)
+
+
+def with_values(config: RunConfig, values: dict[str, Any], source: str = "config") -> RunConfig:
+    """`config` with dotted keys set to `values`, validated and checked like a loaded config."""
+    data = config.model_dump(mode="json")
+    for key, value in values.items():
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    try:
+        new = RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_validation_problems(e, source)) from None
+    problems = [f"{source}: {p}" for p in check(new)]
+    if problems:
+        raise ConfigError(problems)
+    return new
 
 
 def _unknown_key(key: str, where: str) -> str:

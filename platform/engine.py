@@ -23,7 +23,12 @@ import torch
 from ray import ObjectRef
 from ray.actor import ActorHandle
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, OutOfMemoryError, RayActorError, WorkerCrashedError
-from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+from ray.util.placement_group import (
+    get_current_placement_group,
+    placement_group,
+    placement_group_table,
+    remove_placement_group,
+)
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from platform.algorithms import Params, build
@@ -121,6 +126,12 @@ class AdaptationWorker:
         return np.asarray(rows, dtype=np.float32)
 
 
+def worker_bundle(config: RunConfig) -> dict[str, float]:
+    """The resources one adaptation actor reserves."""
+    r = config.resources
+    return {"CPU": r.cpus_per_worker} | ({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})
+
+
 class WorkerStartError(RuntimeError):
     """Too few workers could be placed or started in time."""
 
@@ -131,8 +142,10 @@ class WorkerFailureError(RuntimeError):
 
 @dataclass(eq=False)
 class _Slot:
-    """One placement-group bundle and the actor in it: vacant, starting (`ready` pending) or live (`info`)."""
+    """Worker `index`: its placement-group bundle and the actor in it: vacant, starting (`ready` pending)
+    or live (`info`)."""
 
+    index: int
     bundle: int
     actor: ActorHandle | None = None
     ready: ObjectRef | None = None
@@ -155,6 +168,10 @@ class WorkerPool:
     room). Until then the pool carries on with fewer actors, down to `resources.min_workers`; below
     that it waits up to `start_timeout_s` for capacity. Every failed start counts as a failure.
 
+    Standalone, the pool reserves its own placement group. Inside a Ray Tune trial it uses the
+    trial's group instead, whose bundle 0 holds the trial's driver and bundles 1.. the workers: a
+    trial is reserved whole, so trials never compete for actors' CPUs.
+
     `actor_env` adds environment variables to the actors' (e.g. to A/B an engine switch).
     """
 
@@ -162,19 +179,29 @@ class WorkerPool:
         self.config, self.log, self.actor_env = config, log, actor_env
         self.failures = self.restarts = 0
         r = config.resources
-        bundle = {"CPU": r.cpus_per_worker} | ({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})
-        self.group = placement_group([bundle] * r.workers, strategy=r.placement)
+        bundle = worker_bundle(config)
+        self.group = get_current_placement_group()
+        self.own_group = self.group is None
+        if self.own_group:
+            self.group = placement_group([bundle] * r.workers, strategy=r.placement)
+        first = 0 if self.own_group else 1
+        if len(self.group.bundle_specs) != first + r.workers:
+            raise WorkerStartError(
+                f"the placement group this driver runs in has {len(self.group.bundle_specs)} bundles; "
+                f"resources.workers={r.workers} needs {first + r.workers} (see platform.tune.trial_resources)"
+            )
         try:
             ray.get(self.group.ready(), timeout=r.start_timeout_s)
         except GetTimeoutError:
-            remove_placement_group(self.group)
+            if self.own_group:
+                remove_placement_group(self.group)
             raise WorkerStartError(
                 f"could not reserve {r.workers} workers x {bundle} within resources.start_timeout_s="
                 f"{r.start_timeout_s:g}s; the cluster has {ray.cluster_resources()}"
             ) from None
         self.remote = ray.remote(AdaptationWorker)
         self._started_once = False  # from then on, an actor becoming live is a restart
-        self.slots = [_Slot(i) for i in range(r.workers)]
+        self.slots = [_Slot(i, first + i) for i in range(r.workers)]
         for slot in self.slots:
             self._start(slot)
         self._wait_for_workers(r.workers)
@@ -203,7 +230,7 @@ class WorkerPool:
         """Count a failure, kill the actor and leave its slot vacant for `_refill`."""
         self.failures += 1
         who = f"pid {slot.info['pid']}" if slot.info else "starting"
-        self.log(f"worker {slot.bundle} ({who}) failed: {reason}")
+        self.log(f"worker {slot.index} ({who}) failed: {reason}")
         if slot.actor is not None:
             ray.kill(slot.actor, no_restart=True)
         slot.actor = slot.ready = slot.info = None
@@ -230,7 +257,7 @@ class WorkerPool:
                 if self._started_once:
                     self.restarts += 1
                     self.log(
-                        f"worker {slot.bundle} restarted (pid {info['pid']} on node {info['node'][:8]}); "
+                        f"worker {slot.index} restarted (pid {info['pid']} on node {info['node'][:8]}); "
                         f"{len(self.live)} of {len(self.slots)} workers"
                     )
                 slot.homeless = False
@@ -250,7 +277,7 @@ class WorkerPool:
             elif not slot.homeless:
                 slot.homeless = True
                 self.log(
-                    f"worker {slot.bundle}: its node is gone and the cluster has no room for it now; carrying on "
+                    f"worker {slot.index}: its node is gone and the cluster has no room for it now; carrying on "
                     f"with {len(self.live)} of {len(self.slots)} workers (resources.min_workers="
                     f"{self.config.resources.min_workers}) until it has"
                 )
@@ -321,7 +348,8 @@ class WorkerPool:
         for slot in self.slots:
             if slot.actor is not None:
                 ray.kill(slot.actor, no_restart=True)
-        remove_placement_group(self.group)
+        if self.own_group:  # a trial's group is Ray Tune's to remove
+            remove_placement_group(self.group)
 
 
 def _first_line(error: Exception) -> str:

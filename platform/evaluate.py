@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=600, help="held-out tasks (default 600)")
     parser.add_argument("--steps", type=int, help="inner steps (default: the run's optim.test_inner_steps)")
     parser.add_argument("--split", choices=("test", "val", "train"), default="test")
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log the result to MLflow")
     args = parser.parse_args(argv)
     if args.tasks < 2:
         parser.error(f"--tasks {args.tasks}: need at least 2 tasks for a confidence interval")
@@ -63,6 +64,15 @@ def main(argv: list[str] | None = None) -> int:
         f"{format_eval(result, config.classification)} "
         f"(95% CI, {time.perf_counter() - start:.1f}s)"
     )
+    if config.tracking.mlflow and not args.no_mlflow:
+        from platform.tracking import log_evaluation, tracking_uri
+
+        report = {"split": args.split, "iteration": state["iteration"], "steps": steps} | result
+        try:
+            run_id = log_evaluation(state, args.checkpoint, report)
+            print(f"logged to MLflow run {run_id} in {tracking_uri(config)}")
+        except Exception as e:  # noqa: BLE001 - the result is printed; tracking is a bonus here
+            print(f"warning: could not log to MLflow ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
     return 0
 
 

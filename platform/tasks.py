@@ -56,11 +56,19 @@ class SinusoidTasks:
     def __init__(self, split: str, shots: int, query: int):
         self.split, self.shots, self.query = split, shots, query
 
-    def sample(self, seed: int) -> Task:
+    def _draw(self, seed: int):
         rng = np.random.default_rng([SPLITS.index(self.split), seed])
         amplitude, phase = rng.uniform(0.1, 5.0), rng.uniform(0.0, np.pi)
+        return rng, lambda x: amplitude * np.sin(x - phase)
+
+    def curve(self, seed: int, x: np.ndarray) -> np.ndarray:
+        """The task's true function at `x` (for pictures: a task itself holds only its samples)."""
+        return self._draw(seed)[1](x)
+
+    def sample(self, seed: int) -> Task:
+        rng, curve = self._draw(seed)
         x = rng.uniform(-5.0, 5.0, size=(self.shots + self.query, 1)).astype(np.float32)
-        y = (amplitude * np.sin(x - phase)).astype(np.float32)
+        y = curve(x).astype(np.float32)
         x, y = torch.from_numpy(x), torch.from_numpy(y)
         return Task(x[: self.shots], y[: self.shots], x[self.shots :], y[self.shots :])
 

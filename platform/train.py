@@ -12,7 +12,9 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
+import uuid
 
 import numpy as np
 import ray
@@ -32,6 +34,7 @@ from platform.engine import (
     flatten,
 )
 from platform.evaluate import format_eval, summarize
+from platform.observers import Observer, Observers
 from platform.tasks import evaluation_seeds, iteration_seeds
 
 INTERRUPTED = 130
@@ -78,6 +81,8 @@ class StopRequest:
 
     def __init__(self):
         self.signal = None
+        if threading.current_thread() is not threading.main_thread():
+            return  # a Ray Tune trial runs train() in a thread: Tune stops it, not signals
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
@@ -101,6 +106,15 @@ def resume_conflicts(saved: dict, config: RunConfig) -> list[str]:
     return conflicts
 
 
+def set_outer_lr(optimizer, scheduler, config: RunConfig, iteration: int) -> None:
+    """Make a restored optimizer follow `config`'s lambda from `iteration` on (PBT may have changed it)."""
+    o = config.optim
+    lr = o.outer_lr * (1 + math.cos(math.pi * iteration / o.iterations)) / 2 if o.schedule == "cosine" else o.outer_lr
+    scheduler.base_lrs = [o.outer_lr] * len(optimizer.param_groups)
+    for group in optimizer.param_groups:
+        group["lr"], group["initial_lr"] = lr, o.outer_lr
+
+
 def apply_meta_gradient(params: dict, rows: np.ndarray, config: RunConfig, optimizer, scheduler) -> None:
     """Sum the chunk rows in chunk order, average over the meta-batch, clip, step."""
     grad = torch.from_numpy(rows[:, : -len(GRAD_METRICS)].sum(axis=0) / config.optim.meta_batch)
@@ -114,15 +128,45 @@ def apply_meta_gradient(params: dict, rows: np.ndarray, config: RunConfig, optim
     scheduler.step()
 
 
-def train(config: RunConfig) -> dict:
-    """Meta-train per `config`; returns the final checkpoint state."""
+HISTORY_KEYS = ("iteration", "train_s", "loss", "accuracy", "tasks_per_s", "driver_share", "val")
+
+
+def default_observers(config: RunConfig) -> list[Observer]:
+    """What watches a run per its `tracking` section: MLflow, Prometheus."""
+    from platform.metrics import PrometheusExporter
+    from platform.tracking import MlflowTracker
+
+    observers: list[Observer] = []
+    if config.tracking.mlflow:
+        observers.append(MlflowTracker(report=warn))
+    if config.tracking.prometheus_port:
+        observers.append(PrometheusExporter(config.tracking.prometheus_port))
+    return observers
+
+
+def train(
+    config: RunConfig,
+    observers: list[Observer] | None = None,
+    *,
+    start: dict | None = None,
+    run_key: str | None = None,
+) -> dict:
+    """Meta-train per `config`, watched by `observers` (default: per `config.tracking`); returns the
+    final checkpoint state.
+
+    `start` is a checkpoint state to continue from instead of `--resume`'s: Ray Tune restoring a
+    trial, under PBT from another trial's checkpoint, so the hyperparameters are this config's.
+    `run_key` names the run for the observers (default: the resumed checkpoint's, else a new one).
+    """
     o = config.optim
+    watch = Observers(default_observers(config) if observers is None else observers)
     store = CheckpointStore(config.checkpoint.dir, keep=config.checkpoint.keep)
     _, _, initial = build(config)
     params = {k: torch.nn.Parameter(v) for k, v in initial.items()}
     optimizer, scheduler = make_optimizer(config, list(params.values()))
-    iteration, history = 0, []
-    if config.checkpoint.resume:
+    # run_key names this run across resumes (MLflow tag, Prometheus label).
+    iteration, history, saved, resumed_from, state = 0, [], {}, None, start
+    if start is None and config.checkpoint.resume:
         if store.latest() is None:
             print(f"no checkpoint in {config.checkpoint.dir}: starting from iteration 0")
         else:
@@ -130,13 +174,18 @@ def train(config: RunConfig) -> dict:
             conflicts = resume_conflicts(state["config"], config)
             if conflicts:
                 raise ConfigError([f"--resume from {store.location}: {c}" for c in conflicts])
-            with torch.no_grad():
-                for k, v in state["params"].items():
-                    params[k].copy_(v)
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            iteration, history = state["iteration"], state["history"]
-            print(f"resumed from {config.checkpoint.dir} at iteration {iteration}")
+            run_key, saved = run_key or state.get("run_key"), state.get("observers", {})
+            print(f"resumed from {config.checkpoint.dir} at iteration {state['iteration']}")
+    if state is not None:
+        with torch.no_grad():
+            for k, v in state["params"].items():
+                params[k].copy_(v)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        iteration, history, resumed_from = state["iteration"], state["history"], state["iteration"]
+        if start is not None:
+            set_outer_lr(optimizer, scheduler, config, iteration)
+    run_key = run_key or uuid.uuid4().hex
 
     writer = CheckpointWriter(store, report=warn)
 
@@ -149,11 +198,14 @@ def train(config: RunConfig) -> dict:
             "scheduler": scheduler.state_dict(),
             "config": config.model_dump(mode="json"),
             "history": history,
+            "run_key": run_key,
+            "observers": watch.state(),
             # No RNG state: every random draw is a function of (seed, iteration), see tasks.py.
         }
         where = writer.submit(state, iteration)
         if final:
             writer.flush(config.checkpoint.write_timeout_s)
+        watch.on_checkpoint(where, iteration, lambda: writer.flush(config.checkpoint.write_timeout_s))
         return where
 
     connect_ray(config.resources.workers * config.resources.cpus_per_worker)
@@ -165,12 +217,21 @@ def train(config: RunConfig) -> dict:
             f"{len(pool.live)} workers: "
             + ", ".join(f"pid {i['pid']} ({i['device']} on node {i['node'][:8]})" for i in pool.infos)
         )
+        context = {
+            "run_key": run_key,
+            "resumed_from": resumed_from,
+            "workers": len(pool.live),
+            "device": pool.infos[0]["device"],
+            "ray_address": ray.get_runtime_context().gcs_address,
+        }
+        watch.on_start(config, context, saved)
         window_start, window_tasks, window_driver = time.perf_counter(), 0, 0.0
         # Training wall time so far, without meta-validation: what time-to-accuracy is measured in.
         train_seconds = history[-1]["train_s"] if history else 0.0
         while iteration < o.iterations and not stop.signal:
             t0 = time.perf_counter()
-            flat_ref = ray.put(flatten(params))
+            flat = flatten(params)
+            flat_ref = ray.put(flat)
             chunks = chunked(iteration_seeds(config.seed, iteration, o.meta_batch), o.chunk)
             t1 = time.perf_counter()
             shards = pool.map("outer_grads", chunks, flat_ref)
@@ -178,18 +239,28 @@ def train(config: RunConfig) -> dict:
             rows = np.concatenate(shards)
             apply_meta_gradient(params, rows, config, optimizer, scheduler)
             iteration += 1
+            t3 = time.perf_counter()
 
             # Driver time: everything but the slowest actor's compute (dispatch, transfer, reduce, step).
             metrics = dict(zip(GRAD_METRICS, rows[:, -len(GRAD_METRICS) :].sum(axis=0).tolist()))
-            actor_seconds = max(shard[:, -1].sum() for shard in shards)  # GRAD_METRICS ends with seconds
+            actor_seconds = min(t2 - t1, max(shard[:, -1].sum() for shard in shards))  # GRAD_METRICS ends with seconds
             window_tasks += o.meta_batch
-            window_driver += (t1 - t0) + (time.perf_counter() - t2) + max(0.0, (t2 - t1) - actor_seconds)
-            train_seconds += time.perf_counter() - t0
+            window_driver += (t3 - t0) - actor_seconds
+            train_seconds += t3 - t0
             record = {
                 "iteration": iteration,
                 "train_s": train_seconds,
                 "loss": metrics["loss"] / metrics["tasks"],
                 "accuracy": metrics["accuracy"] / metrics["tasks"],
+                "seconds": t3 - t0,
+                "tasks": o.meta_batch,
+                "phases": {
+                    "actor_compute": actor_seconds,
+                    "transfer": (t2 - t0) - actor_seconds,
+                    "outer_update": t3 - t2,
+                },
+                "gradient_bytes": rows.nbytes + flat.nbytes * len(shards),
+                "workers": {"alive": len(pool.live), "failures": pool.failures, "restarts": pool.restarts},
             }
             if iteration % config.log_every == 0 or iteration == o.iterations:
                 elapsed = time.perf_counter() - window_start
@@ -203,36 +274,42 @@ def train(config: RunConfig) -> dict:
                 )
                 record |= {"tasks_per_s": rate, "driver_share": window_driver / elapsed}
                 window_start, window_tasks, window_driver = time.perf_counter(), 0, 0.0
+            watch.on_iteration(record)
             if config.eval.every and (iteration % config.eval.every == 0 or iteration == o.iterations):
                 eval_start = time.perf_counter()
                 record["val"] = meta_validate(pool, config, ray.put(flatten(params)))
                 print(
                     f"meta-validation at {iteration}: {format_eval(record['val'], config.classification)}", flush=True
                 )
+                watch.on_validation(record)
                 window_start += time.perf_counter() - eval_start  # keep tasks/s about training
-            history.append(record)
+            history.append({k: record[k] for k in HISTORY_KEYS if k in record})
             if iteration % config.checkpoint.every == 0 and iteration < o.iterations:
                 checkpoint()
     except (WorkerStartError, WorkerFailureError) as e:
         failure = str(e)
     except RayError as e:
         if isinstance(e, RayTaskError):  # our own code failed inside an actor: a bug, shown in full
-            checkpoint_after_a_bug(checkpoint)
+            checkpoint_after_a_bug(checkpoint, watch)
             raise
         failure = f"the Ray cluster failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     except BaseException:
-        checkpoint_after_a_bug(checkpoint)
+        checkpoint_after_a_bug(checkpoint, watch)
         raise
     finally:
         if pool is not None:
             pool.shutdown()
+    status = "FAILED" if failure else "KILLED" if stop.signal else "FINISHED"
     try:
         where = checkpoint(final=True)
     except CheckpointError as e:
+        watch.on_end("FAILED", None)
         print(f"error: the final checkpoint could not be written: {e}", file=sys.stderr)
         sys.exit(1)
     finally:
         writer.close()
+    final = store.load(iteration)
+    watch.on_end(status, {"location": where, "state": final})
     if failure:
         print(
             f"error: {failure}\nstopped after iteration {iteration}; checkpoint {where}; resume with --resume",
@@ -250,13 +327,14 @@ def train(config: RunConfig) -> dict:
         f"done: {iteration} iterations, {pool.failures} worker failures, {pool.restarts} restarts; "
         f"final checkpoint {where}"
     )
-    return store.load(iteration)
+    return final
 
 
-def checkpoint_after_a_bug(checkpoint) -> None:
+def checkpoint_after_a_bug(checkpoint, watch: Observers) -> None:
     """Keep the progress made before an unexpected error, without hiding the error itself."""
     try:
         print(f"unexpected error: checkpoint {checkpoint(final=True)}", file=sys.stderr)
+        watch.on_end("FAILED", None)
     except Exception as e:  # noqa: BLE001 - whatever broke the checkpoint, the original error matters more
         print(f"unexpected error, and no checkpoint could be written: {e}", file=sys.stderr)
 

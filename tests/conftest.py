@@ -1,6 +1,7 @@
 """Shared fixtures: real servers on loopback, started once per test session."""
 
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -18,6 +19,9 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/ray_cluster.py
 OMNIGLOT_CACHE = Path(tempfile.mkdtemp(prefix="metaplatform-test-cache-"))
 os.environ.setdefault("METAPLATFORM_OMNIGLOT", str(REPO.parent / "shared" / "data" / "omniglot"))
 os.environ["METAPLATFORM_CACHE"] = str(OMNIGLOT_CACHE)
+# Training runs track to MLflow by default, into ./mlruns.db of their working dir; tests keep the
+# repo clean with one session store (tests of tracking itself say where they track).
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{OMNIGLOT_CACHE / 'mlruns.db'}"
 
 
 def free_port() -> int:
@@ -156,3 +160,8 @@ def prometheus():
 
     with PrometheusServer([], scrape_interval="1s") as server:
         yield server
+
+
+def pytest_unconfigure(config):
+    """The session's cache (decoded Omniglot, the session's MLflow store) goes with the session."""
+    shutil.rmtree(OMNIGLOT_CACHE, ignore_errors=True)

@@ -90,7 +90,8 @@ def test_actors_of_one_run_land_on_different_nodes_under_spread(reference):
 
 
 def test_losing_a_node_with_a_spare_one_restarts_the_actor_there(nodes, reference, tmp_path):
-    proc = run(nodes, tmp_path, "resources.workers=2")
+    # A checkpoint every iteration: the node is lost while one is being written.
+    proc = run(nodes, tmp_path, "resources.workers=2", "checkpoint.every=1")
     match, _ = read_until(proc, WORKERS_LINE)
     (victim_pid, victim_node), _ = actors(match[1])
     read_until(proc, rf"iter\s+60/{ITERATIONS}")
@@ -100,6 +101,8 @@ def test_losing_a_node_with_a_spare_one_restarts_the_actor_there(nodes, referenc
     assert restarted[1] != victim_node
     assert f"worker 0 (pid {victim_pid}) failed" in out and "Traceback" not in out
     assert_same_params(final_params(tmp_path, ITERATIONS), reference[0])
+    store = CheckpointStore(tmp_path)
+    assert all(store.load(i)["iteration"] == i for i in store.iterations())  # every one listed is intact
     nodes.add()  # the spare for the next test
 
 

@@ -1,0 +1,581 @@
+"""MLflow tracking of training runs, through a spool, so that no outage loses anything or stops training.
+
+Everything a run logs (the run's creation, parameters and tags, metric batches, artifacts, the
+model, the end) is first appended as one JSON line to the run's spool, a folder on local disk:
+
+    <spool>/records.jsonl   the operations, in order (append-only, flushed per record)
+    <spool>/delivered       how many of them have reached the tracking server
+    <spool>/run_id          the MLflow run id, once the server created the run
+    <spool>/uri             the tracking URI the records go to
+    <spool>/files/          artifacts and the model, waiting to be uploaded
+
+A background thread delivers the records in order, retrying with back-off while the server is
+unreachable (one warning when it goes away, one when it is back). The training loop never waits
+for the server, and the end of the run waits at most `tracking.flush_timeout_s`. What is still
+undelivered then stays in the spool: `python -m platform.track sync <spool>` sends it later.
+Delivery is idempotent where MLflow allows it: the run is found again by its `metaplatform.run_key`
+tag instead of created twice, and metrics carry their original timestamps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from platform.config import RunConfig
+from platform.data import cache_dir
+from platform.observers import Observer
+
+RUN_KEY_TAG = "metaplatform.run_key"
+_MAX_PARAMS = 100  # per log_batch request (MLflow's limit)
+# MLflow errors that retrying cannot fix: the record is skipped (with a warning) so the rest flows.
+_PERMANENT = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "INVALID_STATE", "RESOURCE_DOES_NOT_EXIST"}
+
+
+def tracking_uri(config: RunConfig) -> str:
+    """`tracking.uri`, else $MLFLOW_TRACKING_URI, else the embedded SQLite store in the working dir."""
+    return config.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlruns.db'}"
+
+
+def is_embedded(uri: str) -> bool:
+    return uri.startswith("sqlite:///")
+
+
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a SQLite store (`mlartifacts/` next to the
+    .db file), else the server's default (None)."""
+    if not is_embedded(uri):
+        return None
+    return f"file://{Path(uri.removeprefix('sqlite:///')).absolute().parent / 'mlartifacts'}"
+
+
+def flatten_config(data: dict, prefix: str = "") -> dict[str, str]:
+    """The resolved config as MLflow parameters: dotted keys, string values."""
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out |= flatten_config(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+    return out
+
+
+def git_commit() -> str | None:
+    """The commit of the code being run, when it is a git checkout."""
+    try:
+        here = Path(__file__).resolve().parent
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], check=False, cwd=here, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def spool_root(config: RunConfig) -> Path:
+    """Spools live next to local checkpoints; for S3 checkpoints, in the local cache."""
+    location = config.checkpoint.dir
+    if location.startswith("s3://"):
+        return cache_dir() / "mlflow-spool" / hashlib.sha256(location.encode()).hexdigest()[:16]
+    return Path(location).expanduser() / "mlflow-spool"
+
+
+class Spool:
+    """An ordered, durable queue of tracking records in a folder (see the module docstring)."""
+
+    def __init__(self, folder: str | Path, uri: str | None = None):
+        self.folder = Path(folder)
+        self.files = self.folder / "files"
+        self.files.mkdir(parents=True, exist_ok=True)
+        if uri is not None:
+            self._write("uri", uri)
+        self._path = self.folder / "records.jsonl"
+        self.records: list[dict] = []
+        if self._path.exists():
+            for line in self._path.read_text().splitlines():
+                try:
+                    self.records.append(json.loads(line))
+                except json.JSONDecodeError:  # a line torn by a crash: the last one, never delivered
+                    break
+        self.delivered = int(self._read("delivered") or 0)
+        self.run_id = self._read("run_id")
+        self.uri = self._read("uri")  # where the records go
+        self._lock = threading.Lock()
+
+    def _read(self, name: str) -> str | None:
+        path = self.folder / name
+        return path.read_text().strip() if path.exists() else None
+
+    def _write(self, name: str, text: str) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{name}.")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, self.folder / name)
+
+    def append(self, record: dict) -> None:
+        with self._lock, open(self._path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            self.records.append(record)
+
+    def set_delivered(self, count: int) -> None:
+        self.delivered = count
+        self._write("delivered", str(count))
+
+    def set_run_id(self, run_id: str) -> None:
+        self.run_id = run_id
+        self._write("run_id", run_id)
+
+    @property
+    def pending(self) -> int:
+        return len(self.records) - self.delivered
+
+    def last_step(self) -> int:
+        """The highest metric step recorded so far (-1 when none)."""
+        steps = [m[3] for r in self.records if r["op"] == "batch" for m in r.get("metrics", [])]
+        return max(steps, default=-1)
+
+
+class Delivery:
+    """Sends a spool's records to a tracking server in order, in a background thread (or in the caller's, `run_once`)."""
+
+    def __init__(self, spool: Spool, uri: str, report: Callable[[str], None]):
+        import mlflow  # slow to import; only tracked runs need it
+
+        # The spool retries; MLflow's own client would otherwise retry a dead server for minutes per call.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        self.spool, self.uri, self.report = spool, uri, report
+        self.mlflow = mlflow
+        self.client = mlflow.MlflowClient(uri)
+        self.down: str | None = None  # the error while the server is unreachable
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="mlflow-delivery", daemon=True)
+        self._thread.start()
+
+    def notify(self) -> None:
+        with self._wake:
+            self._wake.notify_all()
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until everything recorded so far is delivered; False if `timeout_s` passed first."""
+        deadline = time.monotonic() + timeout_s
+        with self._wake:
+            while self.spool.pending and time.monotonic() < deadline:
+                self._wake.wait(timeout=min(0.5, max(0.0, deadline - time.monotonic())))
+        return not self.spool.pending
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        backoff = 1.0
+        while True:
+            with self._wake:
+                self._wake.wait_for(lambda: self.spool.pending or self._closed)
+                if self._closed:
+                    return
+            if self.run_once():
+                backoff = 1.0
+                continue
+            with self._wake:
+                self._wake.wait_for(lambda: self._closed, timeout=backoff)
+            backoff = min(2 * backoff, 30.0)
+
+    def run_once(self) -> bool:
+        """Deliver the next record; False if the server could not be reached."""
+        record = self.spool.records[self.spool.delivered]
+        try:
+            self._deliver(record)
+        except Exception as e:  # noqa: BLE001 - whatever the client raises, the record stays queued
+            if getattr(e, "error_code", None) in _PERMANENT:
+                self.report(f"MLflow refused a {record['op']} record and it is skipped: {e}")
+            else:
+                if self.down is None:
+                    self.report(
+                        f"tracking server {self.uri} unreachable ({_first_line(e)}); training goes on, records are "
+                        f"kept in {self.spool.folder} and sent when it is back"
+                    )
+                self.down = str(e)
+                return False
+        if self.down is not None:
+            self.down = None
+            self.report(f"tracking server {self.uri} is back; delivering the {self.spool.pending - 1} records kept")
+        with self._wake:
+            self.spool.set_delivered(self.spool.delivered + 1)
+            self._wake.notify_all()
+        return True
+
+    def _deliver(self, record: dict) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        op, run_id = record["op"], self.spool.run_id
+        if op == "start":
+            self._start_run(record)
+        elif op == "batch":
+            metrics = [Metric(k, v, ts, step) for k, v, ts, step in record.get("metrics", [])]
+            params = [Param(k, v) for k, v in record.get("params", {}).items()]
+            tags = [RunTag(k, v) for k, v in record.get("tags", {}).items()]
+            for i in range(0, max(1, len(params)), _MAX_PARAMS):  # our metric and tag batches are small
+                first = i == 0
+                self.client.log_batch(
+                    run_id,
+                    metrics=metrics if first else [],
+                    params=params[i : i + _MAX_PARAMS],
+                    tags=tags if first else [],
+                )
+        elif op == "artifact":
+            self.client.log_artifact(run_id, str(self.spool.files / record["file"]), record.get("artifact_path"))
+        elif op == "model":
+            self._log_model(record)
+        elif op == "end":
+            self.client.set_terminated(run_id, record["status"], record["end_time"])
+
+    def _start_run(self, record: dict) -> None:
+        from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+
+        if self.spool.run_id:  # a resumed run: it goes on, RUNNING again
+            self.client.update_run(self.spool.run_id, status="RUNNING")
+            return
+        experiment = self.client.get_experiment_by_name(record["experiment"])
+        if experiment is None:
+            artifacts = record.get("artifact_location")
+            experiment_id = self.client.create_experiment(record["experiment"], artifact_location=artifacts)
+        else:
+            experiment_id = experiment.experiment_id
+        # Created before, by a call whose answer was lost? Then it carries our run key.
+        found = self.client.search_runs([experiment_id], f"tags.`{RUN_KEY_TAG}` = '{record['tags'][RUN_KEY_TAG]}'")
+        if found:
+            self.spool.set_run_id(found[0].info.run_id)
+            return
+        tags = dict(record["tags"])
+        if record.get("run_name"):
+            tags[MLFLOW_RUN_NAME] = record["run_name"]
+        run = self.client.create_run(experiment_id, start_time=record["start_time"], tags=tags)
+        self.spool.set_run_id(run.info.run_id)
+
+    def _log_model(self, record: dict) -> None:
+        """Upload the model saved in the spool (signature and input example included) into the run."""
+        import mlflow.pytorch
+        from mlflow.models import Model
+
+        saved = self.spool.files / record["file"]
+        info = Model.load(saved)
+        self.mlflow.set_tracking_uri(self.uri)
+        # log_model logs into the active run; entering it marks it RUNNING, the "end" record that
+        # always follows sets its final status.
+        with self.mlflow.start_run(run_id=self.spool.run_id):
+            logged = mlflow.pytorch.log_model(
+                mlflow.pytorch.load_model(str(saved)),
+                name="model",
+                signature=info.signature,
+                input_example=info.load_input_example(str(saved)),
+                registered_model_name=record.get("register_as"),
+                pip_requirements=record["requirements"],
+            )
+        if record.get("register_as"):
+            version = logged.registered_model_version
+            self.client.set_tag(self.spool.run_id, "registered_model", f"{record['register_as']} version {version}")
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+class MlflowTracker(Observer):
+    """Logs a training run to MLflow through a Spool (see the module docstring)."""
+
+    name = "mlflow"
+
+    def __init__(self, report: Callable[[str], None] = print):
+        self.report = report
+        self.spool: Spool | None = None
+        self.delivery: Delivery | None = None
+        self.window: list[dict] = []
+
+    def on_start(self, config: RunConfig, context: dict, saved: dict) -> None:
+        from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
+        from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+
+        self.config, t = config, config.tracking
+        self.uri = tracking_uri(config)
+        self.run_key = context["run_key"]
+        # The spool is found again by the saved state or the run key (a resumed run, a Tune trial
+        # restarted); one moved to another machine starts anew, knowing its run id.
+        folder = Path(saved["spool"]) if "spool" in saved else spool_root(config) / self.run_key
+        self.spool = Spool(folder if folder.is_dir() else spool_root(config) / self.run_key, self.uri)
+        if saved.get("run_id") and not self.spool.run_id:
+            self.spool.set_run_id(saved["run_id"])
+        continuing = bool(self.spool.records) or self.spool.run_id is not None
+        self.delivery = Delivery(self.spool, self.uri, self.report)
+        # Steps already recorded are not sent again: one curve, no duplicate points.
+        self.skip_through = max(self.spool.last_step(), context.get("resumed_from") or 0) if continuing else 0
+        self.monitors = [CPUMonitor()]
+        try:
+            self.monitors.append(GPUMonitor())
+        except (ImportError, RuntimeError):  # no NVIDIA GPU or no nvidia-ml-py here
+            pass
+        for monitor in self.monitors:
+            monitor.collect_metrics()  # the first CPU reading is since start-up; drop it
+            monitor.clear_metrics()
+        tags = {
+            RUN_KEY_TAG: self.run_key,
+            "algorithm": config.algorithm,
+            "task": config.task.kind,
+            "actors": str(config.resources.workers),
+            "device": context.get("device", "cpu"),
+            "ray.address": context.get("ray_address", ""),
+            "mlflow.source.name": "platform.train",
+            "mlflow.source.type": "JOB",
+            **t.tags,
+        }
+        if commit := git_commit():
+            tags["mlflow.source.git.commit"] = commit
+        artifacts = artifact_location(self.uri)
+        self.spool.append(
+            {
+                "op": "start",  # of a resumed run whose id is known: only marks it RUNNING again
+                "experiment": t.experiment,
+                "run_name": t.run_name,
+                "tags": tags,
+                "start_time": _now_ms(),
+                "artifact_location": artifacts,
+            }
+        )
+        if continuing:  # the start record only marks the run RUNNING again; tags may have changed
+            self.spool.append({"op": "batch", "tags": dict(t.tags)})
+        else:
+            self.spool.append({"op": "batch", "params": flatten_config(config.model_dump(mode="json"))})
+            (self.spool.files / "config.yaml").write_text(config.to_yaml())
+            self.spool.append({"op": "artifact", "file": "config.yaml", "artifact_path": None})
+        # The searched hyperparameters as metrics too, from where this start begins: under PBT they
+        # change during a run, and the curve shows the schedule.
+        o = config.optim
+        hyper = {"hparams/inner_lr": o.inner_lr, "hparams/outer_lr": o.outer_lr, "hparams/inner_steps": o.inner_steps}
+        self._metrics(hyper, context.get("resumed_from") or 0, _now_ms(), notify=False)
+        self.delivery.start()
+
+    def on_iteration(self, record: dict) -> None:
+        if record["iteration"] <= self.skip_through:
+            return
+        self.window.append(record)
+        if record["iteration"] % self.config.tracking.log_every and record["iteration"] != self.config.optim.iterations:
+            return
+        seconds = sum(r["seconds"] for r in self.window)
+        step, ts = record["iteration"], _now_ms()
+        values = {
+            "train/loss": record["loss"],
+            "train/tasks_per_s": sum(r["tasks"] for r in self.window) / seconds,
+            "train/driver_share": sum(r["seconds"] - r["phases"]["actor_compute"] for r in self.window) / seconds,
+            "train/seconds": record["train_s"],
+            "workers/alive": record["workers"]["alive"],
+            "workers/failures": record["workers"]["failures"],
+        }
+        if self.config.classification:
+            values["train/accuracy"] = record["accuracy"]
+        for monitor in self.monitors:
+            monitor.collect_metrics()
+            values |= {f"system/{k}": v for k, v in monitor.aggregate_metrics().items()}
+            monitor.clear_metrics()
+        self._metrics(values, step, ts)
+        self.window = []
+
+    def on_validation(self, record: dict) -> None:
+        if record["iteration"] <= self.skip_through:
+            return
+        val = record["val"]
+        if self.config.classification:
+            values = {"val/accuracy": val["accuracy"], "val/accuracy_ci95": val["accuracy_ci95"]}
+            values["val/accuracy_before_adaptation"] = val["accuracy_before"]
+        else:
+            values = {
+                "val/mse": val["loss"],
+                "val/mse_ci95": val["loss_ci95"],
+                "val/mse_before_adaptation": val["loss_before"],
+            }
+        self._metrics(values, record["iteration"], _now_ms())
+
+    def _metrics(self, values: dict[str, float], step: int, ts: int, notify: bool = True) -> None:
+        metrics = [[k, float(v), ts, step] for k, v in values.items() if np.isfinite(v)]
+        self.spool.append({"op": "batch", "metrics": metrics})
+        if notify:
+            self.delivery.notify()
+
+    def on_checkpoint(self, location: str, iteration: int, written) -> None:
+        if self.spool is None:  # not started
+            return
+        self.spool.append({"op": "batch", "tags": {"checkpoint.latest": location}})
+        self.delivery.notify()
+
+    def on_end(self, status: str, final: dict | None) -> None:
+        if self.spool is None:  # the run stopped before it started (no workers): nothing was tracked
+            return
+        if final is not None:
+            self._final_artifacts(final)
+        self.spool.append({"op": "end", "status": status, "end_time": _now_ms()})
+        self.delivery.notify()
+        delivered = self.delivery.flush(self.config.tracking.flush_timeout_s)
+        self.delivery.close()
+        if delivered:
+            where = f"run {self.spool.run_id} in {self.uri}"
+            shutil.rmtree(self.spool.folder, ignore_errors=True)
+            with contextlib.suppress(OSError):  # the spools' folder, once no spool is left in it
+                self.spool.folder.parent.rmdir()
+            if is_embedded(self.uri):
+                where += f"\nopen the MLflow UI on it: mlflow ui --backend-store-uri {self.uri}"
+            print(f"tracked as MLflow {where}", flush=True)
+        else:
+            self.report(
+                f"tracking server {self.uri} still unreachable: {self.spool.pending} records kept in "
+                f"{self.spool.folder}; send them later with: python -m platform.track sync {self.spool.folder}"
+            )
+
+    def _final_artifacts(self, final: dict) -> None:
+        """Curves, the sinusoid picture, the final meta-validation report and the model, staged in the spool."""
+        from platform import plots
+
+        state, config = final["state"], self.config
+        self.spool.append({"op": "batch", "tags": {"checkpoint.final": final["location"]}})
+        staged = []
+        staged.append(
+            (
+                plots.learning_curves(
+                    state["history"], config.classification, self.spool.files / "learning_curves.png"
+                ),
+                "plots",
+            )
+        )
+        if config.task.kind == "sinusoid":
+            staged.append(
+                (
+                    plots.sinusoid_adaptation(config, state["params"], self.spool.files / "sinusoid_adaptation.png"),
+                    "plots",
+                )
+            )
+        val = [r for r in state["history"] if "val" in r]
+        if val:
+            report = self.spool.files / "evaluation.json"
+            report.write_text(
+                json.dumps({"split": "val", "iteration": val[-1]["iteration"], **val[-1]["val"]}, indent=2)
+            )
+            staged.append((report, "evaluation"))
+        for path, folder in staged:
+            self.spool.append({"op": "artifact", "file": path.name, "artifact_path": folder})
+        model = save_model(config, state["params"], self.spool.files / "model")
+        self.spool.append(
+            {
+                "op": "model",
+                "file": model.name,
+                "register_as": config.tracking.register_as,
+                "requirements": requirements(),
+            }
+        )
+
+    def state(self) -> dict:
+        return {"spool": str(self.spool.folder), "run_id": self.spool.run_id} if self.spool else {}
+
+
+def requirements() -> list[str]:
+    return [f"torch=={torch.__version__.split('+')[0]}", "metaplatform"]
+
+
+def model_input_example(config: RunConfig) -> np.ndarray:
+    if config.task.kind == "sinusoid":
+        return np.linspace(-5, 5, 5, dtype=np.float32).reshape(5, 1)
+    return np.zeros((2, 1, 28, 28), dtype=np.float32)
+
+
+def trained_model(config: RunConfig, params: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The model with the meta-trained parameters (Meta-SGD's learned inner rates left out)."""
+    from platform.algorithms import INNER_LR
+    from platform.models import build_model
+
+    model = build_model(config)
+    model.load_state_dict({k: v for k, v in params.items() if not k.startswith(INNER_LR)})
+    return model.eval()
+
+
+def save_model(config: RunConfig, params: dict[str, torch.Tensor], path: Path) -> Path:
+    """The model in MLflow's pytorch format, with its signature and input example (no server needed)."""
+    import mlflow.pytorch
+    from mlflow.models import infer_signature
+
+    model = trained_model(config, params)
+    example = model_input_example(config)
+    with torch.no_grad():
+        output = model(torch.from_numpy(example)).numpy()
+    mlflow.pytorch.save_model(
+        model,
+        str(path),
+        signature=infer_signature(example, output),
+        input_example=example,
+        pip_requirements=requirements(),
+    )
+    return path
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def log_evaluation(state: dict, location: str, report: dict) -> str:
+    """Log a meta-test result into the checkpoint's MLflow run (a new run if that one is not in the
+    tracking store); returns the run id. Raises whatever the MLflow client raises."""
+    import mlflow
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    config = RunConfig.model_validate(state["config"])
+    uri = tracking_uri(config)
+    client = mlflow.MlflowClient(uri)
+    run_id = state.get("observers", {}).get("mlflow", {}).get("run_id")
+    if run_id:
+        try:
+            client.get_run(run_id)
+        except MlflowException:
+            run_id = None
+    new = run_id is None
+    if new:
+        experiment = client.get_experiment_by_name(config.tracking.experiment)
+        artifacts = artifact_location(uri)
+        experiment_id = (
+            experiment.experiment_id
+            if experiment
+            else client.create_experiment(config.tracking.experiment, artifact_location=artifacts)
+        )
+        tags = {"metaplatform.evaluates": location, "algorithm": config.algorithm, "task": config.task.kind}
+        run_id = client.create_run(experiment_id, tags=tags).info.run_id
+    split, ts, step = report["split"], _now_ms(), report["iteration"]
+    metrics = {k: v for k, v in report.items() if isinstance(v, float) and np.isfinite(v)}
+    client.log_batch(run_id, metrics=[Metric(f"{split}/{k}", v, ts, step) for k, v in metrics.items()])
+    name = f"evaluation/{split}-{report['tasks']}tasks-{report['steps']}steps.json"
+    client.log_dict(run_id, report | {"checkpoint": location}, name)
+    if new:
+        client.set_terminated(run_id)
+    return run_id

@@ -1,0 +1,221 @@
+"""Tracking for real: MLflow (embedded SQLite store, and an `mlflow server` on PostgreSQL with
+artifacts proxied to S3), outages of that server, the spool and its `sync`, and resumed runs.
+
+Drivers are real `python -m platform.train` processes on the session's Ray head.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+from driver_runs import assert_same_params, final_params, finish, read_until
+from mlflow import MlflowClient
+
+from platform.checkpoint import CheckpointStore
+from platform.config import RunConfig
+from platform.tracking import trained_model
+
+ITERATIONS = 200
+BASE = [
+    "task.kind=sinusoid",
+    f"optim.iterations={ITERATIONS}",
+    "optim.meta_batch=10",
+    "optim.chunk=2",
+    "checkpoint.every=50",
+    "eval.every=100",
+    "eval.tasks=50",
+    "log_every=50",
+    "tracking.log_every=10",
+    "resources.workers=2",
+]
+LOGGED_STEPS = list(range(10, ITERATIONS + 1, 10))
+
+
+def track(cluster, location, *overrides, uri=None, env=None):
+    """A driver tracking to `uri` (None: no MLFLOW_TRACKING_URI, the embedded default)."""
+    environment = {k: v for k, v in cluster.subprocess_env(**(env or {})).items() if k != "MLFLOW_TRACKING_URI"}
+    if uri:
+        environment["MLFLOW_TRACKING_URI"] = uri
+    return subprocess.Popen(
+        [sys.executable, "-m", "platform.train", *BASE, f"checkpoint.dir={location}", *overrides],
+        env=environment,
+        cwd=location.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def the_run(client: MlflowClient, out: str):
+    run_id = re.search(r"tracked as MLflow run (\w+)", out)[1]
+    return client.get_run(run_id)
+
+
+def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return [m.step for m in sorted(client.get_metric_history(run_id, key), key=lambda m: (m.timestamp, m.step))]
+
+
+@pytest.fixture(scope="module")
+def server_run(ray_cluster, mlflow_server, tmp_path_factory):
+    """One run tracked to the real server, registering its model: (output, run, checkpoint dir)."""
+    location = tmp_path_factory.mktemp("server-run") / "ckpt"
+    proc = track(ray_cluster, location, "tracking.register_as=sinusoid-maml", uri=mlflow_server.url)
+    out = finish(proc)
+    return out, the_run(MlflowClient(mlflow_server.url), out), location
+
+
+def test_the_embedded_default_needs_no_server(ray_cluster, tmp_path):
+    location = tmp_path / "checkpoints"
+    out = finish(track(ray_cluster, location))
+    store = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    assert f"open the MLflow UI on it: mlflow ui --backend-store-uri {store}" in out
+    client = MlflowClient(store)
+    run = the_run(client, out)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["optim.inner_lr"] == "0.01" and run.data.params["resources.workers"] == "2"
+    assert run.data.tags["algorithm"] == "maml" and run.data.tags["task"] == "sinusoid"
+    assert steps(client, run.info.run_id, "train/loss") == LOGGED_STEPS
+    assert steps(client, run.info.run_id, "val/mse") == [100, 200]
+    assert any(k.startswith("system/cpu") for k in run.data.metrics)
+    files = {a.path for a in client.list_artifacts(run.info.run_id)} | {
+        a.path for folder in ("plots", "evaluation") for a in client.list_artifacts(run.info.run_id, folder)
+    }
+    assert {"config.yaml", "plots/learning_curves.png", "plots/sinusoid_adaptation.png"} <= files
+    # The logged config is the resolved one, re-runnable as it is.
+    config_yaml = client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
+    config = RunConfig.model_validate(yaml.safe_load(Path(config_yaml).read_text()))
+    assert config.optim.iterations == ITERATIONS and config.checkpoint.dir == str(location)
+    report = json.loads(
+        Path(client.download_artifacts(run.info.run_id, "evaluation/evaluation.json", str(tmp_path))).read_text()
+    )
+    assert report["iteration"] == ITERATIONS and report["tasks"] == 50
+    # The model loads back and computes what the checkpoint's parameters compute.
+    mlflow.set_tracking_uri(store)
+    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    state = CheckpointStore(location).load()
+    x = torch.linspace(-5, 5, 7).unsqueeze(1)
+    expected = trained_model(RunConfig.model_validate(state["config"]), state["params"])(x)
+    assert torch.allclose(model(x), expected, atol=1e-6)
+    # No spool is left once everything was delivered.
+    assert not (location / "mlflow-spool").exists()
+
+
+def test_a_server_run_stores_in_postgres_and_s3_and_registers_the_model(server_run, mlflow_server, postgres):
+    import boto3
+
+    _, run, _ = server_run
+    client = MlflowClient(mlflow_server.url)
+    assert run.info.status == "FINISHED" and run.info.artifact_uri.startswith("mlflow-artifacts:")
+    assert steps(client, run.info.run_id, "train/loss") == LOGGED_STEPS
+    bucket = mlflow_server.artifacts_destination.removeprefix("s3://").split("/")[0]
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=bucket).get("Contents", [])]
+    assert any(k.endswith(f"{run.info.run_id}/artifacts/plots/learning_curves.png") for k in keys)
+    with postgres.connect("mlflow") as db:
+        assert db.execute("select status from runs where run_uuid = %s", (run.info.run_id,)).fetchone() == ("FINISHED",)
+    (version,) = client.search_model_versions("name = 'sinusoid-maml'")
+    assert version.run_id == run.info.run_id
+    assert run.data.tags["registered_model"] == f"sinusoid-maml version {version.version}"
+
+
+def test_evaluate_logs_into_the_checkpoints_run(server_run, mlflow_server, ray_cluster):
+    _, run, location = server_run
+    env = {**ray_cluster.subprocess_env(), "MLFLOW_TRACKING_URI": mlflow_server.url}
+    result = subprocess.run(
+        [sys.executable, "-m", "platform.evaluate", "--checkpoint", str(location), "--tasks", "40"],
+        env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"logged to MLflow run {run.info.run_id}" in result.stdout
+    metrics = MlflowClient(mlflow_server.url).get_run(run.info.run_id).data.metrics
+    mse = float(re.search(r"mse ([\d.]+)", result.stdout)[1])
+    assert metrics["test/loss"] == pytest.approx(mse, abs=5e-5) and "test/loss_ci95" in metrics
+
+
+def test_a_server_outage_mid_run_loses_nothing(ray_cluster, mlflow_server, server_run, tmp_path):
+    location = tmp_path / "ckpt"
+    # Slower iterations than the server run would be a different run; so keep its config and stop
+    # the server early, while the run is young.
+    proc = track(ray_cluster, location, "tracking.flush_timeout_s=300", uri=mlflow_server.url)
+    read_until(proc, r"\d+ workers: pid")
+    mlflow_server.stop()
+    try:
+        read_until(proc, r"warning: tracking server .* unreachable")
+    finally:
+        mlflow_server.start()
+    out = finish(proc, timeout=400)
+    # Two warnings in all: when it went away, when it was back.
+    assert out.count("warning: tracking server") == 2 and out.count("is back; delivering") == 1, out
+    client = MlflowClient(mlflow_server.url)
+    run = the_run(client, out)
+    assert run.info.status == "FINISHED"
+    for key in ("train/loss", "train/tasks_per_s", "workers/alive"):
+        assert steps(client, run.info.run_id, key) == LOGGED_STEPS, key  # each step once, in order
+    assert steps(client, run.info.run_id, "val/mse") == [100, 200]
+    assert_same_params(final_params(location, ITERATIONS), final_params(server_run[2], ITERATIONS))
+
+
+def test_server_down_from_the_start_then_sync_delivers_the_spool(ray_cluster, mlflow_server, tmp_path):
+    from services import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    location = tmp_path / "ckpt"
+    out = finish(track(ray_cluster, location, "tracking.flush_timeout_s=0", uri=dead))
+    assert out.count("unreachable") == 2  # when it went away, and at the end
+    spool = re.search(r"send them later with: python -m platform.track sync (\S+)", out)[1]
+    assert spool.startswith(str(location / "mlflow-spool"))
+
+    sync = [sys.executable, "-m", "platform.track", "sync", spool]
+    still_dead = subprocess.run(sync, capture_output=True, text=True, timeout=120, check=False)
+    assert still_dead.returncode == 1 and f"{dead} unreachable" in still_dead.stderr
+    result = subprocess.run(
+        [*sync, "--uri", mlflow_server.url], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_id = re.search(r"to MLflow run (\w+)", result.stdout)[1]
+    client = MlflowClient(mlflow_server.url)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert steps(client, run_id, "train/loss") == LOGGED_STEPS
+    assert not os.path.exists(spool)
+
+
+def test_resume_continues_the_same_run_without_duplicate_steps(ray_cluster, mlflow_server, server_run, tmp_path):
+    location = tmp_path / "ckpt"
+    proc = track(ray_cluster, location, uri=mlflow_server.url)
+    read_until(proc, r"iter\s+150/")  # past the checkpoint at 150... or at 100: steps after it were logged
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    out = finish(track(ray_cluster, location, "--resume", uri=mlflow_server.url))
+    client = MlflowClient(mlflow_server.url)
+    run = the_run(client, out)
+    runs = client.search_runs(
+        [run.info.experiment_id], f"tags.`metaplatform.run_key` = '{run.data.tags['metaplatform.run_key']}'"
+    )
+    assert len(runs) == 1 and run.info.status == "FINISHED"
+    assert steps(client, run.info.run_id, "train/loss") == LOGGED_STEPS
+    assert_same_params(final_params(location, ITERATIONS), final_params(server_run[2], ITERATIONS))
+
+
+def test_tracking_never_touches_the_parameters(ray_cluster, server_run, tmp_path):
+    location = tmp_path / "ckpt"
+    finish(track(ray_cluster, location, "tracking.mlflow=false"))
+    assert_same_params(final_params(location, ITERATIONS), final_params(server_run[2], ITERATIONS))
+
+
+def test_metric_values_are_the_records(server_run, mlflow_server):
+    _, run, location = server_run
+    history = CheckpointStore(location).load()["history"]
+    logged = {
+        m.step: m.value for m in MlflowClient(mlflow_server.url).get_metric_history(run.info.run_id, "train/loss")
+    }
+    assert all(np.isclose(logged[r["iteration"]], r["loss"]) for r in history if r["iteration"] in logged)
