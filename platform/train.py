@@ -210,7 +210,7 @@ def train(
 
     connect_ray(config.resources.workers * config.resources.cpus_per_worker)
     stop = StopRequest()
-    pool, failure = None, None
+    pool, failure, tune_stop = None, None, None
     try:
         pool = WorkerPool(config)
         print(
@@ -293,13 +293,17 @@ def train(
             checkpoint_after_a_bug(checkpoint, watch)
             raise
         failure = f"the Ray cluster failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    except SystemExit as e:
+        # Ray Tune stops a trial by raising SystemExit from tune.report (platform.tune): a stop like
+        # Ctrl-C, so the progress is checkpointed and the observers hear of it.
+        tune_stop = e
     except BaseException:
         checkpoint_after_a_bug(checkpoint, watch)
         raise
     finally:
         if pool is not None:
             pool.shutdown()
-    status = "FAILED" if failure else "KILLED" if stop.signal else "FINISHED"
+    status = "FAILED" if failure else "KILLED" if stop.signal or tune_stop else "FINISHED"
     try:
         where = checkpoint(final=True)
     except CheckpointError as e:
@@ -316,6 +320,9 @@ def train(
             file=sys.stderr,
         )
         sys.exit(1)
+    if tune_stop is not None:
+        print(f"stopped by Ray Tune's scheduler after iteration {iteration}; checkpoint {where}", flush=True)
+        raise tune_stop
     if stop.signal:
         print(
             f"{stop.signal}: stopped after iteration {iteration}; checkpoint {where}\n"
@@ -348,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--resume", action="store_true", help="continue from the newest checkpoint (checkpoint.resume=true)"
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before and after options
     config = load_config(args.config, args.overrides + (["checkpoint.resume=true"] if args.resume else []))
     print("resolved config:\n" + config.to_yaml(), flush=True)
     train(config)

@@ -1,0 +1,591 @@
+"""Hyperparameter search with Ray Tune: `python -m platform.tune`.
+
+    python -m platform.tune --config configs/omniglot-5w1s.yaml [--space space.yaml] [--samples N]
+        [--scheduler asha|pbt|fifo] [--search random|optuna] [--max-concurrent K] [--resume] [key=value ...]
+
+Each trial is a whole `platform.train` run: its own driver loop (the Tune function below) and its
+own `resources.workers` adaptation actors, reserved together as one placement group (bundle 0 the
+driver, then one bundle per actor), so trials never compete for actors' CPUs and the number that
+run at once follows from the cluster's resources. Trials report to Tune at every meta-validation
+with a checkpoint (Tune is one more observer of the training loop, `TuneReporter`), so ASHA stops
+trials early, PBT restores a trial from a better one's checkpoint with perturbed hyperparameters,
+and a failed trial restarts from its last checkpoint.
+
+A sweep lives in `checkpoint.dir` (a local or shared folder): Tune's experiment in `tune/`, each
+trial's training checkpoints in its trial folder, `sweep.json` (the sweep's identity and its MLflow
+parent run) and, at the end, `best.yaml`: the best trial's config, which `python -m platform.train
+--config` runs as it is. In MLflow a sweep is one parent run with one child run per trial.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import typing
+import uuid
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from platform.cli import config_parser, run
+from platform.config import ConfigError, RunConfig, field_annotation, is_key, load_config, with_values
+from platform.observers import Observer
+
+DISTRIBUTIONS = ("loguniform", "uniform", "randint", "lograndint", "choice")
+# Sensible first searches (docs/tuning.md): around the MAML paper's values.
+DEFAULT_SPACES = {
+    "sinusoid": {
+        "optim.inner_lr": {"loguniform": [0.001, 0.1]},
+        "optim.outer_lr": {"loguniform": [0.0001, 0.01]},
+        "optim.inner_steps": {"choice": [1, 2, 5]},
+    },
+    "omniglot": {
+        "optim.inner_lr": {"loguniform": [0.05, 1.0]},
+        "optim.outer_lr": {"loguniform": [0.0001, 0.003]},
+        "optim.inner_steps": {"choice": [1, 3, 5]},
+    },
+}
+DEFAULT_SPACES["folder"] = DEFAULT_SPACES["omniglot"]
+SWEEP_FILE = "sweep.json"
+
+
+# -- the search space -------------------------------------------------------------------------------
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_space(space: Any, base: RunConfig, source: str) -> list[str]:
+    """Problems of a search space over `base`, one line each (empty: the space is good).
+
+    Beyond the shape of each entry, every value the space can reach at its extremes (both ends of
+    a range, every choice) must make a valid config: a negative learning rate or too many workers
+    for the meta-batch is caught here, not in a trial an hour later.
+    """
+    if not isinstance(space, dict) or not space:
+        return [f"{source}: a search space is a non-empty mapping of config keys to distributions"]
+    problems = []
+    for key, spec in space.items():
+        where = f"{source}: {key}"
+        if not isinstance(key, str) or not is_key(key):
+            problems.append(f"{where}: not a config key (e.g. optim.inner_lr, optim.outer_lr, optim.inner_steps)")
+            continue
+        if key.startswith(("checkpoint.", "tracking.")) or key == "seed":
+            problems.append(f"{where}: not searchable (it does not change what is learned, or is the sweep's own)")
+            continue
+        if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DISTRIBUTIONS):
+            problems.append(f"{where} = {spec!r}: expected one of {{{', '.join(f'{d}: ...' for d in DISTRIBUTIONS)}}}")
+            continue
+        ((kind, args),) = spec.items()
+        annotation = field_annotation(key)
+        numeric = annotation in (int, float) or set(typing.get_args(annotation)) <= {float, int, type(None)}
+        integer = annotation is int
+        if kind == "choice":
+            if not isinstance(args, list) or not args:
+                problems.append(f"{where}: choice needs a non-empty list of values, got {args!r}")
+                continue
+            reach = args
+        else:
+            if not numeric:
+                problems.append(f"{where}: {kind} needs a numeric key; {key} takes {annotation}, use choice")
+                continue
+            if kind in ("randint", "lograndint") and not integer:
+                problems.append(f"{where}: {kind} draws integers; {key} is a float, use uniform or loguniform")
+                continue
+            if kind in ("uniform", "loguniform") and integer:
+                problems.append(f"{where}: {kind} draws floats; {key} is an integer, use randint, lograndint or choice")
+                continue
+            if not (isinstance(args, list) and len(args) == 2 and all(_number(a) for a in args)):
+                problems.append(f"{where}: {kind} needs [low, high] (two numbers), got {args!r}")
+                continue
+            low, high = args
+            if low >= high:
+                problems.append(f"{where}: {kind} [{low}, {high}] is an empty range (low must be below high)")
+                continue
+            if kind.startswith("log") and low <= 0:
+                problems.append(f"{where}: {kind} [{low}, {high}] needs low > 0")
+                continue
+            reach = [low, high - 1] if kind in ("randint", "lograndint") else [low, high]  # randint: high excluded
+        for value in reach:
+            try:
+                with_values(base, {key: value}, source)
+            except ConfigError as e:
+                problems += [f"{where}: {kind} {args!r} reaches {value!r}, and then {p}" for p in e.problems]
+                break
+    return problems
+
+
+def load_space(path: str | None, base: RunConfig) -> dict[str, dict]:
+    if path is None:
+        space, source = DEFAULT_SPACES[base.task.kind], "default space"
+    else:
+        try:
+            space = yaml.safe_load(Path(path).read_text())
+        except OSError as e:
+            raise ConfigError([f"{path}: cannot read the search space: {e.strerror}"]) from None
+        except yaml.YAMLError as e:
+            raise ConfigError([f"{path}: YAML syntax error: {e}"]) from None
+        source = path
+    problems = check_space(space, base, source)
+    if problems:
+        raise ConfigError(problems)
+    return space
+
+
+def tune_domain(spec: dict):
+    from ray import tune
+
+    ((kind, args),) = spec.items()
+    return getattr(tune, kind)(args) if kind == "choice" else getattr(tune, kind)(*args)
+
+
+# -- a trial ----------------------------------------------------------------------------------------
+
+
+def objective(config: RunConfig) -> tuple[str, str]:
+    """(metric, mode): meta-validation accuracy for classification, MSE for regression."""
+    return ("val_accuracy", "max") if config.classification else ("val_mse", "min")
+
+
+class TuneReporter(Observer):
+    """Reports each meta-validation to Tune with the checkpoint written at the same iteration.
+
+    The last one is reported from on_end, after the observers before it (MLflow) have finished:
+    Tune may end the trial's process as soon as it has the last result.
+    """
+
+    name = "tune"
+
+    def __init__(self, config: RunConfig, trial: dict):
+        self.metric, _ = objective(config)
+        self.iterations = config.optim.iterations
+        self.trial = trial  # id, name and hyperparameters, stored with each checkpoint (PBT's donors)
+        self.pending: tuple[int, dict] | None = None
+
+    def on_validation(self, record: dict) -> None:
+        val = record["val"]
+        value = val["accuracy"] if self.metric == "val_accuracy" else val["loss"]
+        self.pending = (
+            record["iteration"],
+            {"iteration": record["iteration"], self.metric: value, "loss": record["loss"]},
+        )
+
+    def on_checkpoint(self, location: str, iteration: int, written) -> None:
+        if self.pending is not None and self.pending[0] == iteration < self.iterations:
+            self._report(Path(written()))
+
+    def on_end(self, status: str, final: dict | None) -> None:
+        if self.pending is not None and final is not None and self.pending[0] == final["state"]["iteration"]:
+            try:
+                self._report(Path(final["location"]))
+            except SystemExit:
+                pass  # after the last result it is only Tune saying the trial is done: so it is
+
+    def _report(self, path: Path) -> None:
+        from ray import tune
+
+        (iteration, metrics), self.pending = self.pending, None
+        with tempfile.TemporaryDirectory() as folder:
+            for file in (path, path.with_name(path.name + ".sha256")):
+                shutil.copy2(file, folder)
+            Path(folder, "trial.json").write_text(json.dumps(self.trial | {"iteration": iteration}))
+            # Blocks until Tune has taken the result; raises SystemExit when the scheduler stops the trial.
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def run_trial(hyperparameters: dict, base: dict, sweep: dict) -> None:
+    """A Tune trial: `platform.train` on `base` with the trial's hyperparameters, reporting to Tune."""
+    from ray import tune
+
+    from platform.checkpoint import CheckpointStore
+    from platform.tracking import MlflowTracker, warn
+    from platform.train import train
+
+    context = tune.get_context()
+    trial_id = context.get_trial_id()
+    # The trial's folder in the sweep (Tune's own trial dir is a staging folder in Ray's temp dir).
+    trial_dir = Path(sweep["root"]) / "tune" / f"trial_{trial_id}"
+    tags = {"metaplatform.sweep": sweep["key"], "tune.trial": trial_id}
+    if sweep.get("parent_run_id"):
+        tags["mlflow.parentRunId"] = sweep["parent_run_id"]
+    start, checkpoint = None, tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            start = CheckpointStore(folder).load()
+            donor = json.loads(Path(folder, "trial.json").read_text())
+        if donor["id"] != trial_id:  # PBT: this trial exploits a better one
+            tags["pbt.last_exploit"] = (
+                f"restored trial {donor['id']}'s checkpoint at iteration {donor['iteration']}; "
+                + ", ".join(f"{k}: {donor['hyperparameters'][k]} -> {v}" for k, v in hyperparameters.items())
+            )
+            print(f"trial {trial_id}: {tags['pbt.last_exploit']}", flush=True)
+    values = hyperparameters | {
+        "checkpoint.dir": str(trial_dir / "checkpoints"),
+        "checkpoint.resume": False,
+        "checkpoint.every": base["eval"]["every"],  # a checkpoint with every report
+        "tracking.run_name": context.get_trial_name(),
+        "tracking.register_as": None,  # the sweep registers its best trial's model
+        "tracking.prometheus_port": 0,  # trials of one node would share the port
+        "tracking.tags": base["tracking"]["tags"] | tags,
+    }
+    config = with_values(RunConfig.model_validate(base), values, "trial")
+    trial = {"id": trial_id, "name": context.get_trial_name(), "hyperparameters": hyperparameters}
+    # MLflow first: its end is done before the last result goes to Tune (TuneReporter).
+    observers: list[Observer] = [MlflowTracker(report=warn)] if config.tracking.mlflow else []
+    observers.append(TuneReporter(config, trial))
+    # One run key per trial: a restarted or exploiting trial continues its own MLflow run.
+    train(config, observers, start=start, run_key=f"{sweep['key']}-{trial_id}")
+
+
+def trial_resources(config: RunConfig):
+    """One placement group per trial: bundle 0 for the trial's driver, one per adaptation actor."""
+    from ray import tune
+
+    from platform.engine import worker_bundle
+
+    bundles = [{"CPU": 1.0}] + [worker_bundle(config)] * config.resources.workers
+    return tune.PlacementGroupFactory(bundles, strategy=config.resources.placement)
+
+
+# -- the sweep --------------------------------------------------------------------------------------
+
+
+def make_scheduler(name: str, config: RunConfig, space: dict):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    every = config.eval.every
+    if name == "asha":
+        return ASHAScheduler(
+            time_attr="iteration", max_t=config.optim.iterations, grace_period=every, reduction_factor=2
+        )
+    if name == "pbt":
+        return PopulationBasedTraining(
+            time_attr="iteration",
+            perturbation_interval=every,
+            hyperparam_mutations={k: tune_domain(v) for k, v in space.items()},
+            quantile_fraction=0.5,
+            resample_probability=0.25,
+        )
+    return FIFOScheduler()
+
+
+def make_search(name: str, metric: str, mode: str, seed: int):
+    if name == "random":
+        return None  # Tune's default: random draws from the space
+    try:  # OptunaSearch itself imports without Optuna and fails only when used
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError:
+        raise ConfigError(
+            ["--search optuna: Optuna is not installed; install the extra: pip install 'metaplatform[optuna]'"]
+        ) from None
+    return OptunaSearch(metric=metric, mode=mode, sampler=optuna.samplers.TPESampler(seed=seed))
+
+
+class Sweep:
+    """The sweep's folder and its MLflow parent run (see the module docstring)."""
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.root = Path(config.checkpoint.dir).expanduser().absolute()
+        self.file = self.root / SWEEP_FILE
+        self.info = json.loads(self.file.read_text()) if self.file.is_file() else None
+        self.client = None
+
+    def create(self, args, space: dict) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.info = {"key": uuid.uuid4().hex[:12], "parent_run_id": None}
+        if self.config.tracking.mlflow:
+            self.info["parent_run_id"] = self._create_parent(args, space)
+        tmp = self.file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.info))
+        os.replace(tmp, self.file)
+
+    def _mlflow(self):
+        if self.client is None:
+            from mlflow import MlflowClient
+
+            from platform.tracking import tracking_uri
+
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+            self.client = MlflowClient(tracking_uri(self.config))
+        return self.client
+
+    def _create_parent(self, args, space: dict) -> str | None:
+        from mlflow.entities import Param
+
+        from platform.tracking import artifact_location, flatten_config, tracking_uri, warn
+
+        t = self.config.tracking
+        try:
+            client = self._mlflow()
+            experiment = client.get_experiment_by_name(t.experiment)
+            artifacts = artifact_location(tracking_uri(self.config))
+            experiment_id = (
+                experiment.experiment_id
+                if experiment
+                else client.create_experiment(t.experiment, artifact_location=artifacts)
+            )
+            tags = {"metaplatform.sweep": self.info["key"], "mlflow.runName": t.run_name or f"sweep-{self.info['key']}"}
+            run_id = client.create_run(experiment_id, tags=tags | t.tags).info.run_id
+            params = {k: v for k, v in flatten_config(self.config.model_dump(mode="json")).items() if k not in space}
+            params |= {f"space.{k}": json.dumps(v) for k, v in space.items()}
+            params |= {"tune.samples": str(args.samples), "tune.scheduler": args.scheduler, "tune.search": args.search}
+            items = [Param(k, v) for k, v in params.items()]
+            for i in range(0, len(items), 100):
+                client.log_batch(run_id, params=items[i : i + 100])
+            return run_id
+        except Exception as e:  # noqa: BLE001 - the sweep goes on; the trials still track themselves
+            warn(f"no MLflow parent run for the sweep ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+            return None
+
+    def finish(self, results, table: list[dict], best: dict | None, best_yaml: Path | None) -> None:
+        """Deliver what stopped trials left in their spools, close their runs, record the best in the parent."""
+        from platform.tracking import RUN_KEY_TAG, Delivery, Spool, warn
+
+        if not self.config.tracking.mlflow:
+            return
+        for spool in sorted(self.root.glob("tune/*/checkpoints/mlflow-spool/*/records.jsonl")):
+            spool = Spool(spool.parent)
+            delivery = Delivery(spool, spool.uri, report=warn)
+            while spool.pending and delivery.run_once():
+                pass
+            if not spool.pending:
+                shutil.rmtree(spool.folder, ignore_errors=True)
+        parent = self.info.get("parent_run_id")
+        if not parent:
+            return
+        try:
+            client = self._mlflow()
+            experiment_id = client.get_run(parent).info.experiment_id
+            for row in table:
+                found = client.search_runs(
+                    [experiment_id], f"tags.`{RUN_KEY_TAG}` = '{self.info['key']}-{row['trial']}'"
+                )
+                for child in found:
+                    if row["stopped"]:
+                        client.set_tag(child.info.run_id, "tune.stopped_early", "true")
+                    if child.info.status == "RUNNING":  # its process was ended before the run's end was sent
+                        status = (
+                            "KILLED"
+                            if row["stopped"]
+                            else "FINISHED"
+                            if row["iterations"] == self.config.optim.iterations
+                            else "FAILED"
+                        )
+                        client.set_terminated(child.info.run_id, status)
+                if best is not None and row["trial"] == best["trial"] and found:
+                    best["run_id"] = found[0].info.run_id
+            if best is not None:
+                metric = best["metric_name"]
+                client.log_metric(parent, f"best/{metric}", best["value"], step=best["iteration"])
+                for key, value in {"best.trial": best["trial"], "best.checkpoint": best["checkpoint"] or ""}.items():
+                    client.set_tag(parent, key, value)
+                if best.get("run_id"):
+                    client.set_tag(parent, "best.run_id", best["run_id"])
+                if best_yaml is not None:
+                    client.log_artifact(parent, str(best_yaml))
+                self._register(best)
+            client.set_terminated(parent, "FINISHED")
+        except Exception as e:  # noqa: BLE001 - the sweep's results are on disk and printed
+            warn(f"could not record the sweep in MLflow ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+
+    def _register(self, best: dict) -> None:
+        import mlflow
+
+        from platform.tracking import tracking_uri, warn
+
+        name = self.config.tracking.register_as
+        if not name:
+            return
+        run_id = best.get("run_id")
+        client = self._mlflow()
+        if not run_id or not [a for a in client.list_artifacts(run_id) if a.path == "model"]:
+            warn(f"the best trial {best['trial']} logged no model (it did not finish); nothing registered as {name}")
+            return
+        mlflow.set_tracking_uri(tracking_uri(self.config))
+        version = mlflow.register_model(f"runs:/{run_id}/model", name)
+        client.set_tag(self.info["parent_run_id"], "registered_model", f"{name} version {version.version}")
+        print(f"registered the best trial's model as {name} version {version.version}")
+
+
+def summarize(results, config: RunConfig) -> tuple[list[dict], dict | None]:
+    """One row per trial (its hyperparameters, best metric, iterations, early stop) and the best trial.
+
+    A trial's id comes from its folder: under PBT a trial's last result may be a copy of its donor's.
+    Diverged meta-validations (NaN) never count as best.
+    """
+    metric, mode = objective(config)
+    table, best = [], None
+    for result in results:
+        row = {"trial": Path(result.path).name.removeprefix("trial_"), "config": result.config, "value": None,
+               "iteration": 0, "iterations": 0, "stopped": False, "error": result.error}  # fmt: skip
+        frame = result.metrics_dataframe
+        if frame is not None and metric in frame and frame[metric].notna().any():
+            at = frame[metric].idxmax() if mode == "max" else frame[metric].idxmin()
+            row |= {"value": float(frame[metric][at]), "iteration": int(frame["iteration"][at])}
+        if frame is not None and "iteration" in frame:
+            row["iterations"] = int(frame["iteration"].max())
+            row["stopped"] = row["iterations"] < config.optim.iterations and result.error is None
+        table.append(row)
+        if row["value"] is not None and (
+            best is None or (row["value"] > best["value"] if mode == "max" else row["value"] < best["value"])
+        ):
+            checkpoint = result.get_best_checkpoint(metric, mode)
+            best = row | {"metric_name": metric, "checkpoint": checkpoint.path if checkpoint else None}
+    return table, best
+
+
+def print_table(table: list[dict], space: dict, metric: str) -> None:
+    short = {
+        k: {"optim.inner_lr": "eta", "optim.outer_lr": "lambda", "optim.inner_steps": "steps"}.get(k, k) for k in space
+    }
+    head = ["trial", *short.values(), f"best {metric}", "iterations", "early-stopped"]
+    rows = []
+    for row in table:
+        values = [
+            f"{row['config'][k]:.4g}" if isinstance(row["config"].get(k), float) else str(row["config"].get(k))
+            for k in space
+        ]
+        best = "error" if row["error"] else "-" if row["value"] is None else f"{row['value']:.4f}"
+        rows.append([row["trial"], *values, best, str(row["iterations"]), "yes" if row["stopped"] else "no"])
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
+    for line in [head, *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = config_parser(
+        "Search inner/outer learning rates and inner steps with Ray Tune; every trial is a distributed training."
+    )
+    parser.add_argument(
+        "--space", help="YAML search space over dotted config keys (default: per task kind, docs/tuning.md)"
+    )
+    parser.add_argument("--samples", type=int, default=8, help="trials (default 8)")
+    parser.add_argument("--scheduler", choices=("asha", "pbt", "fifo"), default="asha")
+    parser.add_argument("--search", choices=("random", "optuna"), default="random")
+    parser.add_argument(
+        "--max-concurrent", type=int, help="at most this many trials at once (default: as resources allow)"
+    )
+    parser.add_argument("--max-failures", type=int, default=2, help="restarts of a failed trial from its checkpoint")
+    parser.add_argument("--resume", action="store_true", help="continue the sweep in checkpoint.dir")
+    args = parser.parse_intermixed_args(argv)  # overrides may come before and after options
+    if args.samples < 1:
+        parser.error(f"--samples {args.samples}: need at least one trial")
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        parser.error(f"--max-concurrent {args.max_concurrent}: need at least 1")
+
+    config = load_config(args.config, args.overrides)
+    problems = []
+    if config.eval.every == 0 or config.eval.every > config.optim.iterations:
+        problems.append(
+            f"eval.every = {config.eval.every}: a sweep ranks trials by meta-validation; set 0 < eval.every <= optim.iterations"
+        )
+    if config.checkpoint.dir.startswith("s3://"):
+        problems.append(
+            f"checkpoint.dir = {config.checkpoint.dir!r}: a sweep needs a local or shared folder (Tune's experiment lives there)"
+        )
+    if args.search == "optuna" and args.scheduler == "pbt":
+        problems.append(
+            "--search optuna with --scheduler pbt: PBT draws and mutates trials itself; use --search random"
+        )
+    if problems:
+        raise ConfigError(problems)
+    space = load_space(args.space, config)
+    metric, mode = objective(config)
+    search = make_search(args.search, metric, mode, config.seed)
+
+    sweep = Sweep(config)
+    experiment = sweep.root / "tune"
+    if args.resume and sweep.info is None:
+        print(f"no sweep in {sweep.root}: starting a new one")
+    elif not args.resume and sweep.info is not None:
+        raise ConfigError(
+            [
+                f"checkpoint.dir = {config.checkpoint.dir!r} already holds a sweep: --resume continues it, or choose another checkpoint.dir"
+            ]
+        )
+
+    from ray import tune
+
+    from platform.tracking import tracking_uri
+    from platform.train import connect_ray
+    from platform.tune import run_trial  # by name, not __main__'s copy: trials unpickle it by reference
+
+    connect_ray(1 + config.resources.workers * config.resources.cpus_per_worker)
+    resuming = sweep.info is not None and tune.Tuner.can_restore(str(experiment))
+    if sweep.info is None:
+        sweep.create(args, space)
+    print(f"sweep {sweep.info['key']} in {sweep.root}: {args.samples} trials, {args.scheduler}, {args.search} search, "
+          f"each {1 + config.resources.workers} bundles ({trial_resources(config).bundles})", flush=True)  # fmt: skip
+    # Trials run in actors, whose environment is the cluster's, not this driver's: they get the
+    # tracking URI this driver resolved (credentials must be in the cluster's environment).
+    base = config.model_dump(mode="json")
+    base["tracking"]["uri"] = tracking_uri(config)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=base, sweep=sweep.info | {"root": str(sweep.root)}),
+        trial_resources(config),
+    )
+    if resuming:
+        print(f"resuming the sweep from {experiment}", flush=True)
+        tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={k: tune_domain(v) for k, v in space.items()},
+            tune_config=tune.TuneConfig(
+                metric=metric,
+                mode=mode,
+                scheduler=make_scheduler(args.scheduler, config, space),
+                search_alg=search,
+                num_samples=args.samples,
+                max_concurrent_trials=args.max_concurrent,
+                trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}",
+            ),
+            run_config=tune.RunConfig(
+                name="tune",
+                storage_path=str(sweep.root),
+                failure_config=tune.FailureConfig(max_failures=args.max_failures),
+                verbose=1,
+            ),
+        )
+    results = tuner.fit()
+
+    table, best = summarize(results, config)
+    print()
+    print_table(table, space, metric)
+    best_yaml = None
+    if best is not None:
+        best_config = with_values(
+            config,
+            {k: best["config"][k] for k in space}
+            | {"checkpoint.dir": str(sweep.root / "best"), "tracking.run_name": None},
+            "best trial",
+        )
+        best_yaml = sweep.root / "best.yaml"
+        tmp = best_yaml.with_suffix(".tmp")
+        tmp.write_text(
+            f"# best trial {best['trial']} of sweep {sweep.info['key']}: {metric} {best['value']:.4f}\n"
+            + best_config.to_yaml()
+        )
+        os.replace(tmp, best_yaml)
+        print(f"\nbest trial {best['trial']}: {metric} {best['value']:.4f} at iteration {best['iteration']}; "
+              f"checkpoint {best['checkpoint']}\nbest config: {best_yaml} (python -m platform.train --config {best_yaml})")  # fmt: skip
+    sweep.finish(results, table, best, best_yaml)
+    if sweep.info.get("parent_run_id"):
+        print(f"MLflow parent run {sweep.info['parent_run_id']}")
+    errors = [row["trial"] for row in table if row["error"]]
+    if errors:
+        print(f"error: trials {', '.join(errors)} failed (logs in {experiment})", file=sys.stderr)
+        return 1
+    return 0 if best is not None else 1
+
+
+if __name__ == "__main__":
+    run(main)
