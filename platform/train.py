@@ -164,7 +164,6 @@ def train(
     _, _, initial = build(config)
     params = {k: torch.nn.Parameter(v) for k, v in initial.items()}
     optimizer, scheduler = make_optimizer(config, list(params.values()))
-    # run_key names this run across resumes (MLflow tag, Prometheus label).
     iteration, history, saved, resumed_from, state = 0, [], {}, None, start
     if start is None and config.checkpoint.resume:
         if store.latest() is None:
@@ -185,7 +184,7 @@ def train(
         iteration, history, resumed_from = state["iteration"], state["history"], state["iteration"]
         if start is not None:
             set_outer_lr(optimizer, scheduler, config, iteration)
-    run_key = run_key or uuid.uuid4().hex
+    run_key = run_key or uuid.uuid4().hex  # names this run across resumes (MLflow tag, Prometheus label)
 
     writer = CheckpointWriter(store, report=warn)
 

@@ -5,7 +5,7 @@ import torch
 
 from platform.config import load_config
 from platform.engine import GRAD_METRICS, chunked
-from platform.train import apply_meta_gradient, make_optimizer, resume_conflicts
+from platform.train import apply_meta_gradient, make_optimizer, resume_conflicts, set_outer_lr
 
 
 def rows_for(grads: list[np.ndarray]) -> np.ndarray:
@@ -40,6 +40,33 @@ def test_cosine_schedule_decays_to_zero_over_the_run():
     for _ in range(10):
         apply_meta_gradient(params, rows_for([np.ones(3, np.float32)]), config, optimizer, scheduler)
     assert optimizer.param_groups[0]["lr"] < 1e-9
+
+
+def test_a_restored_optimizer_follows_a_new_outer_lr():
+    """PBT restores a trial with a perturbed lambda: the restored schedule continues from the new one."""
+    for schedule in ("constant", "cosine"):
+        config, params, optimizer, scheduler = setup(f"optim.schedule={schedule}", "optim.iterations=10")
+        for _ in range(4):
+            apply_meta_gradient(params, rows_for([np.ones(3, np.float32)]), config, optimizer, scheduler)
+        saved = optimizer.state_dict(), scheduler.state_dict()
+        new, params2, optimizer2, scheduler2 = setup(
+            f"optim.schedule={schedule}", "optim.iterations=10", "optim.outer_lr=0.01"
+        )
+        optimizer2.load_state_dict(saved[0])
+        scheduler2.load_state_dict(saved[1])
+        set_outer_lr(optimizer2, scheduler2, new, 4)
+        # A run of 10 iterations with lambda 0.01 from the start has, at iteration 4 and 5:
+        reference, p3, optimizer3, scheduler3 = setup(
+            f"optim.schedule={schedule}", "optim.iterations=10", "optim.outer_lr=0.01"
+        )
+        for step in (4, 5):
+            while scheduler3.last_epoch < step:
+                apply_meta_gradient(p3, rows_for([np.ones(3, np.float32)]), reference, optimizer3, scheduler3)
+            assert np.isclose(optimizer2.param_groups[0]["lr"], optimizer3.param_groups[0]["lr"], rtol=1e-9), (
+                schedule,
+                step,
+            )
+            apply_meta_gradient(params2, rows_for([np.ones(3, np.float32)]), new, optimizer2, scheduler2)
 
 
 def test_chunks_are_fixed_by_the_config_not_the_workers():

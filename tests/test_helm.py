@@ -1,0 +1,772 @@
+"""The Helm chart (helm/metaplatform): everything that can be checked without a cluster, with a real
+helm v4 (tests/deploy_tools.py), and the commands it renders run for real.
+
+Each values set is rendered once per session (`rendered`): the defaults and every file in the
+chart's ci/ folder (GPU workers, RayJobs on their own and the shared cluster, an external
+database, auth on, a minimal install).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from deploy_tools import (
+    CHART,
+    KUBERNETES_VERSIONS,
+    REPO,
+    CrdSchemas,
+    RenderedPod,
+    builtin_problems,
+    container_env,
+    find,
+    helm,
+    kuberay_problems,
+    one,
+    pod_specs,
+    render,
+    secret_data,
+    selector_matches,
+    template_args,
+)
+
+CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
+VALUE_SETS = {"default": [], **{f.stem: [f] for f in CI_VALUES}}
+RELEASE, NAMESPACE = "mp", "ml"
+FULLNAME = f"{RELEASE}-metaplatform"
+
+
+@pytest.fixture(scope="session")
+def rendered() -> dict[str, list[dict]]:
+    return {name: render(files, release=RELEASE, namespace=NAMESPACE) for name, files in VALUE_SETS.items()}
+
+
+@pytest.fixture(scope="session")
+def crd_schemas() -> CrdSchemas:
+    return CrdSchemas()
+
+
+def test_ci_values_files_are_there():
+    assert {"gpu-workers", "rayjob-own-cluster", "external-database", "auth-on", "minimal"} <= set(VALUE_SETS)
+
+
+@pytest.mark.parametrize("values", VALUE_SETS)
+def test_lint_strict(values):
+    args = ["lint", "--strict", "--namespace", NAMESPACE]
+    for f in VALUE_SETS[values]:
+        args += ["--values", str(f)]
+    result = helm(*args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 chart(s) failed" in result.stdout
+
+
+# -- every rendered object is valid ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", VALUE_SETS)
+def test_rendered_objects_are_valid(values, rendered, crd_schemas):
+    """Built-in kinds against the Kubernetes schemas (oldest supported and newest), KubeRay and
+    prometheus-operator kinds against their CRDs, both strict; plus KubeRay's own admission rules."""
+    objects = rendered[values]
+    problems, kinds = [], set()
+    for obj in objects:
+        kinds.add(obj["kind"])
+        if crd_schemas.knows(obj):
+            problems += crd_schemas.problems(obj)
+        else:
+            for version in KUBERNETES_VERSIONS:
+                problems += builtin_problems(obj, version)
+        problems += kuberay_problems(obj)
+    assert not problems, "\n".join(problems)
+    assert kinds & {"RayCluster", "RayJob"}, "a values set without any Ray object"
+    names = [(o["kind"], o["metadata"]["name"]) for o in objects]
+    assert len(names) == len(set(names)), f"duplicate objects: {names}"
+
+
+def test_validators_reject_what_the_api_server_would(rendered, crd_schemas):
+    """The checks above can fail: an unknown field, a wrong type, a KubeRay rule, each is caught."""
+    cluster = json.loads(json.dumps(one(rendered["default"], "RayCluster")))
+    cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["imagePullPolice"] = "Always"
+    cluster["spec"]["workerGroupSpecs"][0]["maxReplicas"] = "four"
+    found = crd_schemas.problems(cluster)
+    assert any("imagePullPolice" in p for p in found) and any("four" in p for p in found), found
+
+    deployment = json.loads(json.dumps(one(rendered["default"], "Deployment")))
+    deployment["spec"]["replicas"] = "1"
+    assert builtin_problems(deployment, KUBERNETES_VERSIONS[0])
+    deployment = json.loads(json.dumps(one(rendered["default"], "Deployment")))
+    deployment["spec"]["template"]["spec"]["containers"][0]["comand"] = ["x"]
+    assert builtin_problems(deployment, KUBERNETES_VERSIONS[0])
+
+    job = json.loads(json.dumps(one(rendered["auth-on"], "RayJob")))
+    job["spec"]["clusterSelector"] = {"ray.io/cluster": FULLNAME}
+    job["spec"]["submitterPodTemplate"] = {"spec": {"containers": []}}
+    found = kuberay_problems(job)
+    assert any("SidecarMode" in p for p in found), found
+    cluster = json.loads(json.dumps(one(rendered["default"], "RayCluster")))
+    cluster["spec"]["rayVersion"] = "2.51.0"
+    assert any("2.52.0" in p for p in kuberay_problems(cluster))
+
+
+# -- bad values are rejected with the value's name -----------------------------------------------
+
+GROUP = {"name": "gpu", "replicas": 1, "minReplicas": 0, "maxReplicas": 2, "gpus": 1}
+JOB = {"name": "run", "preset": "configs/sinusoid.yaml"}
+BAD_VALUES = {
+    "typo in a key": ({"mlflow": {"prot": 5000}}, "/mlflow", "prot"),
+    "negative replicas": (
+        {"ray": {"workerGroups": [{**GROUP, "replicas": -1}]}},
+        "/ray/workerGroups/0/replicas",
+        "minimum",
+    ),
+    "negative maxReplicas": (
+        {"ray": {"workerGroups": [{**GROUP, "maxReplicas": -3}]}},
+        "/ray/workerGroups/0/maxReplicas",
+        "minimum",
+    ),
+    "gpus not a number": ({"ray": {"workerGroups": [{**GROUP, "gpus": "two"}]}}, "/ray/workerGroups/0/gpus", "integer"),
+    "unknown submission mode": (
+        {"jobs": [{**JOB, "submissionMode": "BatchMode"}]},
+        "/jobs/0/submissionMode",
+        "K8sJobMode",
+    ),
+    "head exposed outside": ({"ray": {"head": {"serviceType": "LoadBalancer"}}}, "/ray/head/serviceType", "ClusterIP"),
+    "override without =": ({"jobs": [{**JOB, "overrides": ["optim.iterations"]}]}, "/jobs/0/overrides/0", "pattern"),
+    "job without preset": ({"jobs": [{"name": "run"}]}, "/jobs/0", "preset"),
+    "unknown command": ({"jobs": [{**JOB, "command": "evaluate"}]}, "/jobs/0/command", "train"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_VALUES)
+def test_bad_values_are_rejected(case, tmp_path):
+    values, path, word = BAD_VALUES[case]
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(values))
+    for command in ("template", "install"):
+        args = template_args([tmp_path / "bad.yaml"], release=RELEASE, namespace=NAMESPACE)
+        if command == "install":  # a client-side dry run: the schema check of `helm install`
+            args = ["install", *args[1:], "--dry-run=client"]
+        result = helm(*args)
+        assert result.returncode != 0, f"helm {command} accepted {values}"
+        assert f"at '{path}'" in result.stderr and word in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"jobs": [{**JOB, "name": "a-very-long-job-name-for-this-release-x"}]}, "KubeRay allows 47"),
+        ({"ray": {"cluster": {"enabled": False}}, "jobs": [{**JOB, "cluster": "shared"}]}, "ray.cluster.enabled"),
+        ({"jobs": [{**JOB, "cluster": "shared", "submissionMode": "SidecarMode"}]}, "SidecarMode"),
+        ({"jobs": [{**JOB, "submissionMode": "InteractiveMode", "backoffLimit": 1}]}, "InteractiveMode"),
+        (
+            {"jobs": [{**JOB, "shutdownAfterJobFinishes": False, "ttlSecondsAfterFinished": 60}]},
+            "shutdownAfterJobFinishes",
+        ),
+    ],
+)
+def test_combinations_kuberay_refuses_fail_at_render_time(values, message, tmp_path):
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(values))
+    result = helm(*template_args([tmp_path / "bad.yaml"], release=RELEASE, namespace=NAMESPACE))
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+
+
+# -- Ray ------------------------------------------------------------------------------------------
+
+
+def _dockerfile_arg(name: str) -> str:
+    match = re.search(rf"^ARG {name}=(\S+)$", (REPO / "Dockerfile").read_text(), re.MULTILINE)
+    assert match, f"Dockerfile has no ARG {name}"
+    return match.group(1).strip('"')
+
+
+def test_ray_cluster(rendered):
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    cluster = one(rendered["gpu-workers"], "RayCluster", FULLNAME)["spec"]
+    # The image's Ray (Dockerfile), the chart's and the base image tag agree.
+    assert cluster["rayVersion"] == values["ray"]["version"] == _dockerfile_arg("RAY_VERSION")
+    assert f":{values['ray']['version']}-" in _dockerfile_arg("BASE_IMAGE")
+    assert cluster["authOptions"] == {"mode": "token", "secretName": f"{FULLNAME}-ray-auth"}
+    assert cluster["upgradeStrategy"] == {"type": "Recreate"}  # a new image tag replaces the pods
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert cluster["autoscalerOptions"]["upscalingMode"] == "Conservative"
+    assert cluster["headGroupSpec"]["serviceType"] == "ClusterIP"
+
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    assert head["nodeSelector"] == {"node-role.example.com/cpu": "true"}
+    ports = {p["name"]: p["containerPort"] for p in head["containers"][0]["ports"]}
+    assert ports == {
+        "gcs-server": 6379,
+        "dashboard": 8265,
+        "client": 10001,
+        "metrics": 8080,
+        "as-metrics": 44217,
+        "dash-metrics": 44227,
+        "driver-metrics": 9400,
+    }
+    env = {e["name"]: e.get("value") for e in head["containers"][0]["env"]}
+    assert env["MLFLOW_TRACKING_URI"] == f"http://{FULLNAME}-mlflow.{NAMESPACE}.svc:5000"
+    mlflow_service = one(rendered["gpu-workers"], "Service", f"{FULLNAME}-mlflow")
+    assert mlflow_service["spec"]["ports"][0]["port"] == 5000
+
+    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+    assert set(groups) == {"gpu-small", "gpu-h100"}
+    h100 = groups["gpu-h100"]
+    assert (h100["replicas"], h100["minReplicas"], h100["maxReplicas"]) == (0, 0, 2)
+    pod = h100["template"]["spec"]
+    worker = pod["containers"][0]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert worker["resources"]["limits"]["cpu"] == "96"
+    assert {"key": "dedicated", "operator": "Equal", "value": "h100", "effect": "NoSchedule"} in pod["tolerations"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert {p["name"] for p in worker["ports"]} == {"metrics"}
+    assert pod["automountServiceAccountToken"] is False
+
+
+def test_ray_token_secret(rendered):
+    """Generated (64 random characters), never the same twice, and kept on `helm uninstall`."""
+    secret = one(rendered["default"], "Secret", f"{FULLNAME}-ray-auth")
+    token = base64.b64decode(secret["data"]["auth_token"]).decode()
+    assert re.fullmatch(r"[A-Za-z0-9]{64}", token)
+    again = one(render(release=RELEASE, namespace=NAMESPACE), "Secret", f"{FULLNAME}-ray-auth")
+    assert base64.b64decode(again["data"]["auth_token"]).decode() != token
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    # An existing Secret is used as it is: none is generated.
+    assert not find(rendered["auth-on"], "Secret", f"{FULLNAME}-ray-auth")
+    assert one(rendered["auth-on"], "RayCluster")["spec"]["authOptions"]["secretName"] == "ray-token"
+
+
+# -- RayJobs --------------------------------------------------------------------------------------
+
+
+def test_rayjobs(rendered):
+    objects = rendered["rayjob-own-cluster"]
+    own = one(objects, "RayJob", f"{FULLNAME}-omniglot-5w1s")["spec"]
+    assert shlex.split(own["entrypoint"]) == [
+        "python", "-m", "platform.train", "--config", "configs/omniglot-5w1s.yaml",
+        "checkpoint.dir=s3://ml-runs/checkpoints/omniglot-5w1s",
+        "tracking.experiment=metaplatform",
+        "tracking.prometheus_port=9400",
+        "resources.workers=4", "resources.gpus_per_worker=1", "task.data=s3://ml-data/omniglot",
+    ]  # fmt: skip
+    assert (own["submissionMode"], own["shutdownAfterJobFinishes"], own["ttlSecondsAfterFinished"]) == (
+        "K8sJobMode",
+        True,
+        3600,
+    )
+    assert (own["backoffLimit"], own["activeDeadlineSeconds"]) == (2, 86400)
+    assert "clusterSelector" not in own
+    workers = own["rayClusterSpec"]["workerGroupSpecs"]
+    assert [(g["groupName"], g["replicas"]) for g in workers] == [("gpu", 4)]
+    assert own["rayClusterSpec"]["authOptions"]["mode"] == "token"
+    submitter = own["submitterPodTemplate"]["spec"]["containers"][0]
+    assert submitter["image"] == "ghcr.io/metaplatform/metaplatform:0.1.0"
+    assert {"name": "RAY_AUTH_MODE", "value": "token"} in submitter["env"]
+
+    shared = one(objects, "RayJob", f"{FULLNAME}-sinusoid-sweep")["spec"]
+    assert shlex.split(shared["entrypoint"]) == [
+        "python", "-m", "platform.tune", "--config", "configs/sinusoid.yaml", "--samples", "16", "--scheduler", "asha",
+        "checkpoint.dir=s3://ml-runs/checkpoints/sinusoid-sweep",
+        "tracking.experiment=sinusoid-sweeps",
+        "tracking.prometheus_port=9400",
+        "optim.iterations=5000",
+    ]  # fmt: skip
+    assert shared["clusterSelector"] == {"ray.io/cluster": FULLNAME}
+    assert "rayClusterSpec" not in shared
+    assert shared["submissionMode"] == "HTTPMode" and "submitterPodTemplate" not in shared
+    assert yaml.safe_load(shared["runtimeEnvYAML"]) == {"env_vars": {"OMP_NUM_THREADS": "1"}}
+
+    sidecar = one(rendered["auth-on"], "RayJob")["spec"]
+    assert sidecar["submissionMode"] == "SidecarMode" and "submitterPodTemplate" not in sidecar
+
+
+def test_no_tracking_server_no_tracking(tmp_path):
+    """Without MLflow in the chart or an external URI, jobs run with tracking off (no URI in the pods)."""
+    (tmp_path / "v.yaml").write_text(yaml.safe_dump({"mlflow": {"enabled": False}, "jobs": [JOB]}))
+    job = one(render([tmp_path / "v.yaml"], release=RELEASE, namespace=NAMESPACE), "RayJob")["spec"]
+    argv = shlex.split(job["entrypoint"])
+    assert "tracking.mlflow=false" in argv and not any(a.startswith("tracking.experiment=") for a in argv)
+    assert "checkpoint.dir=/tmp/checkpoints/run" in argv  # no checkpoints.uri: the writable /tmp
+    head = job["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert "MLFLOW_TRACKING_URI" not in {e["name"] for e in head["env"]}
+
+
+def test_entrypoint_quoting_survives_a_shell(tmp_path):
+    """Overrides with spaces, quotes and $ reach the command as written (the entrypoint runs in sh)."""
+    tricky = ["task.data=/data/my set", "checkpoint.dir=it's", 'seed=$HOME "x"']
+    (tmp_path / "v.yaml").write_text(yaml.safe_dump({"jobs": [{**JOB, "overrides": tricky}]}))
+    job = one(render([tmp_path / "v.yaml"], release=RELEASE, namespace=NAMESPACE), "RayJob")
+    # `python` replaced by a shell function that prints its arguments, one a line.
+    argv = subprocess.run(
+        ["sh", "-c", "python() { printf '%s\\n' \"$@\"; }; " + job["spec"]["entrypoint"]],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.splitlines()
+    assert argv[-3:] == tricky
+
+
+# -- MLflow and PostgreSQL -----------------------------------------------------------------------
+
+
+def _container(objects, kind, name, container=None):
+    spec = one(objects, kind, name)["spec"]["template"]["spec"]
+    return next(c for c in spec["containers"] if container in (None, c["name"]))
+
+
+def test_mlflow_server(rendered):
+    objects = rendered["default"]
+    deployment = one(objects, "Deployment", f"{FULLNAME}-mlflow")["spec"]["template"]["spec"]
+    server = deployment["containers"][0]
+    args = server["command"] + server["args"]
+    assert args[:2] == ["mlflow", "server"]
+    opts, rest = {}, args[2:]
+    while rest:  # --option value, or a --flag alone
+        if len(rest) > 1 and not rest[1].startswith("--"):
+            opts[rest[0]], rest = rest[1], rest[2:]
+        else:
+            opts[rest[0]], rest = True, rest[1:]
+    assert opts["--backend-store-uri"] == "$(MLFLOW_BACKEND_STORE_URI)"
+    assert opts["--artifacts-destination"] == "s3://metaplatform/mlflow-artifacts"
+    assert opts["--serve-artifacts"] is True
+    assert opts["--host"] == "0.0.0.0" and opts["--port"] == "5000"
+    assert [c["command"][:3] for c in deployment["initContainers"]] == [["mlflow", "db", "upgrade"]]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert server[probe]["httpGet"] == {"path": "/health", "port": "http"}
+    env = {e["name"]: e for e in server["env"]}
+    # The bundled database: the password from its Secret, expanded by the kubelet into the URI.
+    assert env["MLFLOW_BACKEND_STORE_URI"]["value"] == (
+        f"postgresql://mlflow:$(POSTGRES_PASSWORD)@{FULLNAME}-postgresql:5432/mlflow"
+    )
+    assert env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": f"{FULLNAME}-postgresql",
+        "key": "password",
+    }
+    statefulset = one(objects, "StatefulSet", f"{FULLNAME}-postgresql")["spec"]
+    assert statefulset["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "10Gi"
+    postgres = statefulset["template"]["spec"]["containers"][0]
+    assert {e["name"]: e for e in postgres["env"]}["POSTGRES_PASSWORD"] == env["POSTGRES_PASSWORD"]
+
+    external = rendered["external-database"]
+    assert not find(external, "StatefulSet") and not find(external, "Secret", f"{FULLNAME}-postgresql")
+    server = _container(external, "Deployment", f"{FULLNAME}-mlflow")
+    env = {e["name"]: e for e in server["env"]}
+    assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-db", "key": "uri"}
+    assert env["MLFLOW_S3_ENDPOINT_URL"]["value"] == "http://minio.storage.svc:9000"
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "s3-credentials"
+    assert "mlflow.example.com" in server["args"][server["args"].index("--allowed-hosts") + 1].split(",")
+
+    auth = rendered["auth-on"]
+    server = _container(auth, "Deployment", f"{FULLNAME}-mlflow")
+    assert server["args"][-2:] == ["--app-name", "basic-auth"]
+    init = one(auth, "Deployment", f"{FULLNAME}-mlflow")["spec"]["template"]["spec"]["initContainers"]
+    assert [c["name"] for c in init] == ["db-upgrade", "auth-db-upgrade"]
+    head_env = {
+        e["name"]: e
+        for e in one(auth, "RayCluster")["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert head_env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": f"{FULLNAME}-mlflow-auth",
+        "key": "password",
+    }
+
+    minimal = rendered["minimal"]
+    assert not find(minimal, "Deployment")
+    job_env = one(minimal, "RayJob")["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0][
+        "env"
+    ]
+    assert {"name": "MLFLOW_TRACKING_URI", "value": "https://mlflow.example.com"} in job_env
+
+
+# -- monitoring ----------------------------------------------------------------------------------
+
+
+def test_pod_monitors_find_the_ray_pods(rendered):
+    objects = rendered["rayjob-own-cluster"]
+    ray_pods = [(where, meta, spec) for where, meta, spec in pod_specs(objects) if "submitter" not in where]
+    ray_pods = [p for p in ray_pods if p[0].startswith(("RayCluster", "RayJob"))]
+    assert len(ray_pods) == 4  # the chart's head and worker group, the own-cluster job's head and group
+    ray = one(objects, "PodMonitor", f"{FULLNAME}-ray")["spec"]
+    driver = one(objects, "PodMonitor", f"{FULLNAME}-driver")["spec"]
+    for where, meta, spec in ray_pods:
+        assert selector_matches(ray["selector"], meta["labels"]), where
+        ports = {p["name"] for c in spec["containers"] for p in c.get("ports", [])}
+        assert "metrics" in ports, where
+        if where.endswith("head"):
+            assert selector_matches(driver["selector"], meta["labels"]), where
+            assert {e["port"] for e in ray["podMetricsEndpoints"]} | {"driver-metrics"} <= ports
+            assert driver["podMetricsEndpoints"][0]["port"] in ports
+        else:
+            assert not selector_matches(driver["selector"], meta["labels"]), where
+    assert driver["podMetricsEndpoints"][0]["path"] == "/metrics"
+
+
+def test_grafana_dashboards(tmp_path):
+    """Every dashboards/*.json becomes a ConfigMap for Grafana's sidecar; none renders fine too."""
+    chart = tmp_path / "metaplatform"
+    shutil.copytree(CHART, chart)
+    shutil.rmtree(chart / "dashboards", ignore_errors=True)
+    assert not find(render(chart=chart), "ConfigMap")
+
+    (chart / "dashboards").mkdir()
+    board = {"title": "metaplatform", "panels": [{"type": "timeseries", "targets": [{"expr": "metaplatform_loss"}]}]}
+    (chart / "dashboards" / "metaplatform.json").write_text(json.dumps(board, indent=2))
+    (chart / "dashboards" / "Ray_Nodes.json").write_text(json.dumps({"title": "ray"}))
+    maps = find(render(chart=chart, release=RELEASE, namespace=NAMESPACE), "ConfigMap")
+    assert sorted(m["metadata"]["name"] for m in maps) == [
+        f"{FULLNAME}-dashboard-metaplatform",
+        f"{FULLNAME}-dashboard-ray-nodes",
+    ]
+    for m in maps:
+        assert m["metadata"]["labels"]["grafana_dashboard"] == "1"
+    by_name = {m["metadata"]["name"]: m for m in maps}
+    assert json.loads(by_name[f"{FULLNAME}-dashboard-metaplatform"]["data"]["metaplatform.json"]) == board
+
+
+def test_the_lead_s_dashboard_if_present(rendered):
+    board = CHART / "dashboards" / "metaplatform.json"
+    maps = find(rendered["default"], "ConfigMap")
+    if not board.exists():
+        assert not maps
+        return
+    (m,) = [m for m in maps if "metaplatform.json" in m["data"]]
+    assert json.loads(m["data"]["metaplatform.json"]) == json.loads(board.read_text())
+
+
+# -- security -------------------------------------------------------------------------------------
+
+SENSITIVE = re.compile(r"PASSWORD|TOKEN|SECRET|ACCESS_KEY|_URI$")
+
+
+@pytest.mark.parametrize("values", VALUE_SETS)
+def test_pods_run_locked_down(values, rendered):
+    pods = pod_specs(rendered[values])
+    assert pods
+    for where, _, spec in pods:
+        assert spec["securityContext"]["runAsNonRoot"] is True, where
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        for c in [*spec["containers"], *spec.get("initContainers", [])]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False, (where, c["name"])
+            assert sc["capabilities"] == {"drop": ["ALL"]}, (where, c["name"])
+            assert sc["readOnlyRootFilesystem"] is True, (where, c["name"])
+            mounts = {m["mountPath"] for m in c.get("volumeMounts", [])}
+            assert "/tmp" in mounts, (where, c["name"])
+            for var in c.get("env", []):
+                # Secret material only by reference; the one URI built from parts holds a $(reference).
+                if SENSITIVE.search(var["name"]) and "value" in var and var["name"] != "MLFLOW_TRACKING_URI":
+                    assert "$(" in var["value"], (where, var)
+
+
+@pytest.mark.parametrize("values", VALUE_SETS)
+def test_nothing_is_exposed_outside_the_cluster(values, rendered):
+    for service in find(rendered[values], "Service"):
+        assert service["spec"].get("type", "ClusterIP") == "ClusterIP", service["metadata"]["name"]
+    for obj in rendered[values]:
+        assert obj["kind"] not in ("Ingress", "Route")
+        for cluster in [obj["spec"]] if obj["kind"] == "RayCluster" else []:
+            assert cluster["headGroupSpec"]["serviceType"] == "ClusterIP"
+            assert not cluster["headGroupSpec"].get("enableIngress")
+
+
+def _leaves(node, path=()):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _leaves(value, (*path, str(key)))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _leaves(value, (*path, str(i)))
+    else:
+        yield path, node
+
+
+def test_no_secret_values_in_defaults_or_config_maps(rendered):
+    """values.yaml names Secrets but holds no secret; no secret value is rendered outside a Secret."""
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    for path, value in _leaves(defaults):
+        key = path[-1] if not path[-1].isdigit() else path[-2]
+        if re.search(r"password|token|secret|accesskey", key, re.IGNORECASE) and not key.startswith(
+            ("existingSecret", "imagePullSecrets")
+        ):
+            assert value in (None, ""), ".".join(path)
+    assert any(p[-1] == "existingSecret" for p, _ in _leaves(defaults))  # the walk does see the keys
+    for name, objects in rendered.items():
+        secrets = [v for data in secret_data(objects).values() for v in data.values() if len(v) >= 16]
+        for obj in objects:
+            if obj["kind"] in ("ConfigMap", "RayCluster", "RayJob", "Deployment", "StatefulSet"):
+                text = json.dumps(obj)
+                assert not any(s in text for s in secrets), f"{name}: a secret value in {obj['kind']}"
+
+
+def test_network_policies(rendered):
+    objects = rendered["default"]
+    policies = {p["metadata"]["name"]: p["spec"] for p in find(objects, "NetworkPolicy")}
+    assert set(policies) == {f"{FULLNAME}-ray", f"{FULLNAME}-mlflow", f"{FULLNAME}-postgresql"}
+    pods = {where: meta["labels"] for where, meta, _ in pod_specs(objects)}
+    ray_pods = [w for w in pods if w.startswith("RayCluster")]
+
+    def admitted(policy, labels, port):
+        """Whether a pod with `labels` in the same namespace may reach `port` (podSelector peers only)."""
+        for rule in policy["ingress"]:
+            ports = {p["port"] for p in rule.get("ports", [])}
+            if ports and port not in ports:
+                continue
+            for peer in rule["from"]:
+                if "namespaceSelector" not in peer and selector_matches(peer["podSelector"], labels):
+                    return True
+        return False
+
+    ray, mlflow, pg = policies[f"{FULLNAME}-ray"], policies[f"{FULLNAME}-mlflow"], policies[f"{FULLNAME}-postgresql"]
+    assert all(selector_matches(ray["podSelector"], pods[w]) for w in ray_pods)
+    mlflow_pod = pods[f"Deployment/{FULLNAME}-mlflow"]
+    pg_pod = pods[f"StatefulSet/{FULLNAME}-postgresql"]
+    stranger = {"app": "something-else"}
+    client = {"metaplatform.io/client": "true"}
+    submitter = {
+        "app.kubernetes.io/name": "metaplatform",
+        "app.kubernetes.io/instance": RELEASE,
+        "app.kubernetes.io/component": "ray-submitter",
+    }
+    ray_pod = pods[ray_pods[0]]
+    assert admitted(ray, ray_pod, 6379) and admitted(ray, ray_pod, 12345)  # Ray nodes: any port
+    assert admitted(ray, submitter, 8265) and admitted(ray, client, 8265)
+    assert (
+        not admitted(ray, submitter, 6379) and not admitted(ray, stranger, 8265) and not admitted(ray, mlflow_pod, 8265)
+    )
+    assert admitted(mlflow, ray_pod, 5000) and admitted(mlflow, client, 5000)
+    assert not admitted(mlflow, stranger, 5000) and not admitted(mlflow, ray_pod, 5432)
+    assert admitted(pg, mlflow_pod, 5432) and not admitted(pg, ray_pod, 5432) and not admitted(pg, client, 5432)
+    assert selector_matches(mlflow["podSelector"], mlflow_pod) and selector_matches(pg["podSelector"], pg_pod)
+    # The operator and Prometheus come from other namespaces, to the ports they need only.
+    peers = [
+        (r["from"][0], {p["port"] for p in r["ports"]}) for r in ray["ingress"] if "namespaceSelector" in r["from"][0]
+    ]
+    assert [ports for _, ports in peers] == [{8265, 52365}, {8080, 44217, 44227, 9400}]
+
+
+def test_notes(tmp_path):
+    result = helm(
+        "install",
+        RELEASE,
+        "--namespace",
+        NAMESPACE,
+        "--dry-run=client",
+        "--values",
+        str(CHART / "ci" / "rayjob-own-cluster.yaml"),
+    )
+    assert result.returncode == 0, result.stderr
+    notes = result.stdout.split("NOTES:", 1)[1]
+    for needed in (
+        f"kubectl port-forward -n {NAMESPACE} svc/{FULLNAME}-mlflow 5000:5000",
+        f"kubectl port-forward -n {NAMESPACE} svc/{FULLNAME}-head-svc 8265:8265",
+        "ray job submit --address http://127.0.0.1:8265",
+        f"secret -n {NAMESPACE} {FULLNAME}-ray-auth -o jsonpath='{{.data.auth_token}}'",
+        "export RAY_AUTH_MODE=token",
+        f"kubectl get rayjob -n {NAMESPACE} {FULLNAME}-omniglot-5w1s",
+        "/metrics",
+        "tracking.prometheus_port=9400",
+    ):
+        assert needed in notes, needed
+
+
+# -- the rendered commands are real ----------------------------------------------------------------
+
+
+def _http(url: str, *, host: str | None = None, auth: tuple[str, str] | None = None) -> int:
+    request = urllib.request.Request(url)
+    if host:
+        request.add_header("Host", host)
+    if auth:
+        request.add_header("Authorization", "Basic " + base64.b64encode(":".join(auth).encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_rendered_commands_are_real(tmp_path, postgres, s3_server, s3_bucket, ray_cluster, monkeypatch):
+    """The chart's MLflow pod (migration init containers, then the server with basic auth, artifacts
+    proxied to S3) runs here from its rendered command, env and Secrets against the tests' PostgreSQL
+    and S3; the chart's RayJob entrypoint and runtime env are submitted the way KubeRay's submitter
+    does (`ray job submit ... -- <entrypoint>` through bash) to the tests' token-auth Ray head, with
+    the Ray head pod's rendered environment; the run logs into that MLflow and checkpoints to S3.
+
+    What is emulated, and why: Service DNS names resolve to 127.0.0.1 here (the URI's host is
+    replaced); the head pod's environment reaches the driver through `ray start` in the pod, here
+    through the job's env_vars; the image's working directory (/opt/metaplatform, holding configs/)
+    is the job's working_dir.
+    """
+    import boto3
+    import mlflow
+
+    mlflow_port, driver_port = _free_port(), _free_port()
+    values = {
+        "s3": {"endpoint": s3_server, "region": "us-east-1", "existingSecret": "s3-credentials"},
+        "checkpoints": {"uri": f"s3://{s3_bucket}/checkpoints"},
+        "ray": {"driverMetricsPort": driver_port},
+        "mlflow": {
+            "port": mlflow_port,
+            "workers": 1,
+            "artifactsDestination": f"s3://{s3_bucket}/mlflow",
+            "experiment": "chart-test",
+            "backendStore": {"existingSecret": "mlflow-db"},
+            "auth": {"enabled": True},
+        },
+        "jobs": [
+            {
+                "name": "sinusoid",
+                "preset": "configs/sinusoid.yaml",
+                "cluster": "shared",
+                "overrides": ["optim.iterations=100", "checkpoint.every=50", "eval.every=0", "log_every=50"],
+                "runtimeEnv": {"env_vars": {"OMP_NUM_THREADS": "1"}},
+            }
+        ],
+    }
+    (tmp_path / "values.yaml").write_text(yaml.safe_dump(values))
+    objects = render([tmp_path / "values.yaml"], release=RELEASE, namespace=NAMESPACE)
+    # The Secrets a user creates before `helm install` (docs/deploy.md), besides those the chart renders.
+    secrets = secret_data(
+        objects,
+        {
+            "mlflow-db": {"uri": postgres.create_database(f"chart_{uuid.uuid4().hex[:8]}")},
+            "s3-credentials": {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"},
+        },
+    )
+    admin = (secrets[f"{FULLNAME}-mlflow-auth"]["username"], secrets[f"{FULLNAME}-mlflow-auth"]["password"])
+    service = f"{FULLNAME}-mlflow.{NAMESPACE}.svc:{mlflow_port}"
+    local = f"http://127.0.0.1:{mlflow_port}"
+
+    pod = one(objects, "Deployment", f"{FULLNAME}-mlflow")["spec"]["template"]["spec"]
+    with RenderedPod(pod, secrets) as mlflow_pod:
+        mlflow_pod.run_init_containers()
+        mlflow_pod.start("mlflow", ready=lambda: _http(f"{local}/health") == 200)
+
+        # Basic auth on; the Service's name is an accepted Host, a foreign one is refused.
+        search = f"{local}/api/2.0/mlflow/experiments/search?max_results=1"
+        assert _http(search, host=service) == 401
+        assert _http(search, host=service, auth=admin) == 200
+        assert _http(search, host="mlflow.attacker.example", auth=admin) == 403
+
+        # The Ray head pod's environment, with the Service name resolved here.
+        head = one(objects, "RayCluster")["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+        head_env = container_env(head, secrets)
+        assert head_env["MLFLOW_TRACKING_URI"] == f"http://{service}"
+        head_env["MLFLOW_TRACKING_URI"] = local
+        head_env["HOME"] = str(tmp_path / "home")
+        job = one(objects, "RayJob")["spec"]
+        runtime_env = yaml.safe_load(job.get("runtimeEnvYAML") or "{}")
+        runtime_env["env_vars"] = {**head_env, **runtime_env.get("env_vars", {})}
+        runtime_env["working_dir"] = str(_image_workdir(tmp_path))
+
+        scraped = []
+
+        def scrape():  # the driver's /metrics while it runs (tracking.prometheus_port)
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{driver_port}/metrics", timeout=2) as response:
+                    body = response.read().decode()
+                if "metaplatform_" in body:
+                    scraped.append(body)
+            except OSError:
+                pass
+
+        returncode, output = _submit_like_kuberay(ray_cluster, job["entrypoint"], runtime_env, tmp_path, scrape)
+        assert returncode == 0, output[-5000:]
+        assert "done: 100 iterations" in output, output[-5000:]
+        assert scraped, "the driver's /metrics never answered with metaplatform_* series"
+
+        # Checkpoints where the chart pointed them, in S3.
+        keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket).get("Contents", [])]
+        assert "checkpoints/sinusoid/ckpt-00000100.pt" in keys, keys
+
+        # The run is in the chart's experiment, with metrics; artifacts go through the server to S3.
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", admin[0])
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", admin[1])
+        client = mlflow.MlflowClient(tracking_uri=local)
+        experiment = client.get_experiment_by_name("chart-test")
+        assert experiment is not None
+        (run,) = client.search_runs([experiment.experiment_id])
+        assert run.info.status == "FINISHED" and run.data.metrics, run
+        client.log_text(run.info.run_id, "probe", "probe.txt")
+        keys = [
+            o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket, Prefix="mlflow/").get("Contents", [])
+        ]
+        assert any(k.endswith("/probe.txt") for k in keys), keys
+
+
+def _image_workdir(tmp_path: Path) -> Path:
+    """What the image's working directory /opt/metaplatform holds: the presets."""
+    workdir = tmp_path / "opt-metaplatform"
+    shutil.copytree(REPO / "configs", workdir / "configs")
+    return workdir
+
+
+def _submit_like_kuberay(ray_cluster, entrypoint: str, runtime_env: dict, tmp_path: Path, poll=None, timeout=300):
+    """What KubeRay's K8sJobMode submitter does: `ray job submit ... -- <entrypoint>` through bash,
+    waiting for the job's end. Returns (exit code, output); `poll()` is called every 0.2 s meanwhile."""
+    submit = (
+        f"ray job submit --address {ray_cluster.dashboard_url} --submission-id chart-{uuid.uuid4().hex[:8]} "
+        f"--runtime-env-json {shlex.quote(json.dumps(runtime_env))} -- {entrypoint}"
+    )
+    env = ray_cluster.subprocess_env(PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
+    log = tmp_path / f"submit-{uuid.uuid4().hex[:6]}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(["bash", "-c", submit], env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + timeout
+            while proc.poll() is None and time.monotonic() < deadline:
+                if poll:
+                    poll()
+                time.sleep(0.2)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    return proc.returncode, log.read_text()
+
+
+def test_rendered_tune_command_is_real(tmp_path, ray_cluster):
+    """A Tune sweep RayJob's rendered entrypoint, submitted as KubeRay does, finishes."""
+    values = {
+        "mlflow": {"enabled": False},
+        "ray": {"driverMetricsPort": _free_port()},
+        "checkpoints": {"uri": str(tmp_path / "checkpoints")},  # the pod's /tmp, here
+        "jobs": [
+            {
+                "name": "sweep",
+                "command": "tune",
+                "preset": "configs/sinusoid.yaml",
+                "samples": 2,
+                "scheduler": "fifo",
+                "cluster": "shared",
+                "overrides": ["optim.iterations=10", "eval.every=5", "log_every=5", "resources.workers=1"],
+            }
+        ],
+    }
+    (tmp_path / "values.yaml").write_text(yaml.safe_dump(values))
+    job = one(render([tmp_path / "values.yaml"], release=RELEASE, namespace=NAMESPACE), "RayJob")["spec"]
+    assert shlex.split(job["entrypoint"])[:9] == [
+        "python", "-m", "platform.tune", "--config", "configs/sinusoid.yaml", "--samples", "2", "--scheduler", "fifo"
+    ]  # fmt: skip
+    runtime_env = {"working_dir": str(_image_workdir(tmp_path)), "env_vars": {"HOME": str(tmp_path)}}
+    returncode, output = _submit_like_kuberay(ray_cluster, job["entrypoint"], runtime_env, tmp_path, timeout=400)
+    assert returncode == 0, output[-5000:]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
