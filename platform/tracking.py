@@ -62,6 +62,12 @@ def artifact_location(uri: str) -> str | None:
     return f"file://{Path(uri.removeprefix('sqlite:///')).absolute().parent / 'mlartifacts'}"
 
 
+def get_or_create_experiment(client, name: str, artifacts: str | None) -> str:
+    """The id of experiment `name`, created with `artifacts` as its artifact location when missing."""
+    experiment = client.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else client.create_experiment(name, artifact_location=artifacts)
+
+
 def flatten_config(data: dict, prefix: str = "") -> dict[str, str]:
     """The resolved config as MLflow parameters: dotted keys, string values."""
     out = {}
@@ -257,12 +263,7 @@ class Delivery:
         if self.spool.run_id:  # a resumed run: it goes on, RUNNING again
             self.client.update_run(self.spool.run_id, status="RUNNING")
             return
-        experiment = self.client.get_experiment_by_name(record["experiment"])
-        if experiment is None:
-            artifacts = record.get("artifact_location")
-            experiment_id = self.client.create_experiment(record["experiment"], artifact_location=artifacts)
-        else:
-            experiment_id = experiment.experiment_id
+        experiment_id = get_or_create_experiment(self.client, record["experiment"], record.get("artifact_location"))
         # Created before, by a call whose answer was lost? Then it carries our run key.
         found = self.client.search_runs([experiment_id], f"tags.`{RUN_KEY_TAG}` = '{record['tags'][RUN_KEY_TAG]}'")
         if found:
@@ -562,13 +563,7 @@ def log_evaluation(state: dict, location: str, report: dict) -> str:
             run_id = None
     new = run_id is None
     if new:
-        experiment = client.get_experiment_by_name(config.tracking.experiment)
-        artifacts = artifact_location(uri)
-        experiment_id = (
-            experiment.experiment_id
-            if experiment
-            else client.create_experiment(config.tracking.experiment, artifact_location=artifacts)
-        )
+        experiment_id = get_or_create_experiment(client, config.tracking.experiment, artifact_location(uri))
         tags = {"metaplatform.evaluates": location, "algorithm": config.algorithm, "task": config.task.kind}
         run_id = client.create_run(experiment_id, tags=tags).info.run_id
     split, ts, step = report["split"], _now_ms(), report["iteration"]

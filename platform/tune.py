@@ -320,18 +320,12 @@ class Sweep:
     def _create_parent(self, args, space: dict) -> str | None:
         from mlflow.entities import Param
 
-        from platform.tracking import artifact_location, flatten_config, tracking_uri, warn
+        from platform.tracking import artifact_location, flatten_config, get_or_create_experiment, tracking_uri, warn
 
         t = self.config.tracking
         try:
             client = self._mlflow()
-            experiment = client.get_experiment_by_name(t.experiment)
-            artifacts = artifact_location(tracking_uri(self.config))
-            experiment_id = (
-                experiment.experiment_id
-                if experiment
-                else client.create_experiment(t.experiment, artifact_location=artifacts)
-            )
+            experiment_id = get_or_create_experiment(client, t.experiment, artifact_location(tracking_uri(self.config)))
             tags = {"metaplatform.sweep": self.info["key"], "mlflow.runName": t.run_name or f"sweep-{self.info['key']}"}
             run_id = client.create_run(experiment_id, tags=tags | t.tags).info.run_id
             params = {k: v for k, v in flatten_config(self.config.model_dump(mode="json")).items() if k not in space}
@@ -404,13 +398,18 @@ class Sweep:
         name = self.config.tracking.register_as
         if not name:
             return
+        from mlflow.exceptions import MlflowException
+
         run_id = best.get("run_id")
-        client = self._mlflow()
-        if not run_id or not [a for a in client.list_artifacts(run_id) if a.path == "model"]:
-            warn(f"the best trial {best['trial']} logged no model (it did not finish); nothing registered as {name}")
-            return
         mlflow.set_tracking_uri(tracking_uri(self.config))
-        version = mlflow.register_model(f"runs:/{run_id}/model", name)
+        try:  # MLflow 3 keeps models apart from the run's artifacts: try the run's model URI itself
+            if not run_id:
+                raise MlflowException("its MLflow run was not found")
+            version = mlflow.register_model(f"runs:/{run_id}/model", name)
+        except MlflowException as e:
+            warn(f"the best trial {best['trial']} has no model to register as {name} ({str(e).splitlines()[0]})")
+            return
+        client = self._mlflow()
         client.set_tag(self.info["parent_run_id"], "registered_model", f"{name} version {version.version}")
         print(f"registered the best trial's model as {name} version {version.version}")
 

@@ -82,7 +82,8 @@ def max_overlap(runs) -> int:
 @pytest.fixture(scope="module")
 def asha_sweep(ray_cluster, mlflow_server, tmp_path_factory):
     root = tmp_path_factory.mktemp("asha") / "sweep"
-    out = finish(start_tune(ray_cluster, root, "--samples", "6", "--scheduler", "asha", uri=mlflow_server.url), 900)
+    args = ["--samples", "6", "--scheduler", "asha", "tracking.register_as=sinusoid-sweep-best"]
+    out = finish(start_tune(ray_cluster, root, *args, uri=mlflow_server.url), 900)
     return out, root
 
 
@@ -126,6 +127,11 @@ def test_the_parent_run_records_the_best_trial_and_its_config_trains(asha_sweep,
     assert parent.data.metrics["best/val_mse"] == pytest.approx(float(best[2]), abs=1e-4)
     assert "space.optim.inner_lr" in parent.data.params and parent.info.status == "FINISHED"
     assert "best.yaml" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+    # The best trial's model is registered, and only it: trials do not register their own.
+    (version,) = client.search_model_versions("name = 'sinusoid-sweep-best'")
+    assert version.run_id == parent.data.tags["best.run_id"]
+    assert parent.data.tags["registered_model"] == f"sinusoid-sweep-best version {version.version}"
+    assert client.get_run(version.run_id).data.tags["tune.trial"] == best[1]
     best_yaml = root / "best.yaml"
     config = yaml.safe_load(best_yaml.read_text())
     assert config["checkpoint"]["dir"] == str(root / "best")
