@@ -25,6 +25,16 @@ def config_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def first_line(error: BaseException) -> str:
+    """An error's first line for a one-line message (its type's name when it says nothing)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def run(main) -> None:
     """Run a command's main(); bad input prints one line per problem and exits 2, with no traceback."""
     logging.basicConfig(format="%(levelname)s: %(message)s")  # our modules' warnings, one line each

@@ -197,19 +197,8 @@ def with_values(config: RunConfig, values: dict[str, Any], source: str = "config
     """`config` with dotted keys set to `values`, validated and checked like a loaded config."""
     data = config.model_dump(mode="json")
     for key, value in values.items():
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    try:
-        new = RunConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(_validation_problems(e, source)) from None
-    problems = [f"{source}: {p}" for p in check(new)]
-    if problems:
-        raise ConfigError(problems)
-    return new
+        _set(data, key, value)
+    return _validated(data, source)
 
 
 def _unknown_key(key: str, where: str) -> str:
@@ -261,6 +250,12 @@ def _apply_override(data: dict[str, Any], override: str) -> str | None:
         value = yaml.load(raw, Loader=_Loader) if raw else None
     except yaml.YAMLError:
         value = raw
+    _set(data, key, value)
+    return None
+
+
+def _set(data: dict[str, Any], key: str, value: Any) -> None:
+    """data[a][b][c] = value for key 'a.b.c', making the sections that are missing."""
     node = data
     *parents, leaf = key.split(".")
     for part in parents:
@@ -268,15 +263,11 @@ def _apply_override(data: dict[str, Any], override: str) -> str | None:
             node[part] = {}
         node = node[part]
     node[leaf] = value
-    return None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
-    """YAML file (or the embedded defaults) plus `key=value` overrides, validated and checked."""
-    source = str(path) if path else "config"
-    data = _read_yaml(Path(path)) if path else {}
-    # Every problem is reported at once: bad overrides, then bad fields, then cross-field rules.
-    problems = [p for p in (_apply_override(data, o) for o in overrides) if p]
+def _validated(data: dict[str, Any], source: str, problems: list[str] = ()) -> RunConfig:
+    """`data` as a RunConfig, checked across fields; ConfigError with `problems` and every new one."""
+    problems = list(problems)
     try:
         config = RunConfig.model_validate(data)
     except ValidationError as e:
@@ -285,6 +276,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
     if problems:
         raise ConfigError(problems)
     return config
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """YAML file (or the embedded defaults) plus `key=value` overrides, validated and checked."""
+    source = str(path) if path else "config"
+    data = _read_yaml(Path(path)) if path else {}
+    # Every problem is reported at once: bad overrides, then bad fields, then cross-field rules.
+    problems = [p for p in (_apply_override(data, o) for o in overrides) if p]
+    return _validated(data, source, problems)
 
 
 def check(config: RunConfig) -> list[str]:

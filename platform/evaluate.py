@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from platform.checkpoint import load_checkpoint
-from platform.cli import run
+from platform.cli import first_line, run
 from platform.config import RunConfig
 from platform.engine import EVAL_METRICS, AdaptationWorker, flatten
 from platform.tasks import evaluation_seeds
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             run_id = log_evaluation(state, args.checkpoint, report)
             print(f"logged to MLflow run {run_id} in {tracking_uri(config)}")
         except Exception as e:  # noqa: BLE001 - the result is printed; tracking is a bonus here
-            print(f"warning: could not log to MLflow ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+            print(f"warning: could not log to MLflow ({first_line(e)})")
     return 0
 
 

@@ -12,8 +12,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from platform.cli import USAGE_ERROR, run
-from platform.tracking import Delivery, Spool, warn
+from platform.cli import USAGE_ERROR, run, warn
+from platform.tracking import Delivery, Spool
 
 
 def sync(folder: Path, uri: str | None) -> int:

@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -35,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from platform.cli import first_line
 from platform.config import RunConfig
 from platform.data import cache_dir
 from platform.observers import Observer
@@ -219,7 +219,7 @@ class Delivery:
             else:
                 if self.down is None:
                     self.report(
-                        f"tracking server {self.uri} unreachable ({_first_line(e)}); training goes on, records are "
+                        f"tracking server {self.uri} unreachable ({first_line(e)[:200]}); training goes on, records are "
                         f"kept in {self.spool.folder} and sent when it is back"
                     )
                 self.down = str(e)
@@ -297,11 +297,6 @@ class Delivery:
         if record.get("register_as"):
             version = logged.registered_model_version
             self.client.set_tag(self.spool.run_id, "registered_model", f"{record['register_as']} version {version}")
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 class MlflowTracker(Observer):
@@ -538,10 +533,6 @@ def save_model(config: RunConfig, params: dict[str, torch.Tensor], path: Path) -
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def log_evaluation(state: dict, location: str, report: dict) -> str:

@@ -23,7 +23,7 @@ from ray.exceptions import RayError, RayTaskError
 
 from platform.algorithms import build
 from platform.checkpoint import CheckpointError, CheckpointStore, CheckpointWriter
-from platform.cli import config_parser, run
+from platform.cli import config_parser, run, warn
 from platform.config import ConfigError, RunConfig, load_config
 from platform.engine import (
     GRAD_METRICS,
@@ -343,10 +343,6 @@ def checkpoint_after_a_bug(checkpoint, watch: Observers) -> None:
         watch.on_end("FAILED", None)
     except Exception as e:  # noqa: BLE001 - whatever broke the checkpoint, the original error matters more
         print(f"unexpected error, and no checkpoint could be written: {e}", file=sys.stderr)
-
-
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from platform.cli import config_parser, run
+from platform.cli import config_parser, first_line, run, warn
 from platform.config import ConfigError, RunConfig, field_annotation, is_key, load_config, with_values
 from platform.observers import Observer
 
@@ -204,7 +204,7 @@ def run_trial(hyperparameters: dict, base: dict, sweep: dict) -> None:
     from ray import tune
 
     from platform.checkpoint import CheckpointStore
-    from platform.tracking import MlflowTracker, warn
+    from platform.tracking import MlflowTracker
     from platform.train import train
 
     context = tune.get_context()
@@ -320,7 +320,7 @@ class Sweep:
     def _create_parent(self, args, space: dict) -> str | None:
         from mlflow.entities import Param
 
-        from platform.tracking import artifact_location, flatten_config, get_or_create_experiment, tracking_uri, warn
+        from platform.tracking import artifact_location, flatten_config, get_or_create_experiment, tracking_uri
 
         t = self.config.tracking
         try:
@@ -336,12 +336,12 @@ class Sweep:
                 client.log_batch(run_id, params=items[i : i + 100])
             return run_id
         except Exception as e:  # noqa: BLE001 - the sweep goes on; the trials still track themselves
-            warn(f"no MLflow parent run for the sweep ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+            warn(f"no MLflow parent run for the sweep ({first_line(e)})")
             return None
 
-    def finish(self, results, table: list[dict], best: dict | None, best_yaml: Path | None) -> None:
+    def finish(self, table: list[dict], best: dict | None, best_yaml: Path | None) -> None:
         """Deliver what stopped trials left in their spools, close their runs, record the best in the parent."""
-        from platform.tracking import RUN_KEY_TAG, Delivery, Spool, warn
+        from platform.tracking import RUN_KEY_TAG, Delivery, Spool
 
         if not self.config.tracking.mlflow:
             return
@@ -388,12 +388,12 @@ class Sweep:
                 self._register(best)
             client.set_terminated(parent, "FINISHED")
         except Exception as e:  # noqa: BLE001 - the sweep's results are on disk and printed
-            warn(f"could not record the sweep in MLflow ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+            warn(f"could not record the sweep in MLflow ({first_line(e)})")
 
     def _register(self, best: dict) -> None:
         import mlflow
 
-        from platform.tracking import tracking_uri, warn
+        from platform.tracking import tracking_uri
 
         name = self.config.tracking.register_as
         if not name:
@@ -407,7 +407,7 @@ class Sweep:
                 raise MlflowException("its MLflow run was not found")
             version = mlflow.register_model(f"runs:/{run_id}/model", name)
         except MlflowException as e:
-            warn(f"the best trial {best['trial']} has no model to register as {name} ({str(e).splitlines()[0]})")
+            warn(f"the best trial {best['trial']} has no model to register as {name} ({first_line(e)})")
             return
         client = self._mlflow()
         client.set_tag(self.info["parent_run_id"], "registered_model", f"{name} version {version.version}")
@@ -576,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
         os.replace(tmp, best_yaml)
         print(f"\nbest trial {best['trial']}: {metric} {best['value']:.4f} at iteration {best['iteration']}; "
               f"checkpoint {best['checkpoint']}\nbest config: {best_yaml} (python -m platform.train --config {best_yaml})")  # fmt: skip
-    sweep.finish(results, table, best, best_yaml)
+    sweep.finish(table, best, best_yaml)
     if sweep.info.get("parent_run_id"):
         print(f"MLflow parent run {sweep.info['parent_run_id']}")
     errors = [row["trial"] for row in table if row["error"]]
