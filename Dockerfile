@@ -38,7 +38,7 @@ ARG RAY_VERSION=2.60.0
 COPY pyproject.toml /tmp/metaplatform/
 RUN --mount=type=secret,id=ca \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \
-    python3 -c 'import tomllib, sys; p = tomllib.load(sys.stdin.buffer)["project"]; extra = p["optional-dependencies"]; print("\n".join(p["dependencies"] + extra["server"] + extra["optuna"]))' \
+    python3 -c 'import tomllib, sys; p = tomllib.load(sys.stdin.buffer)["project"]; extra = p["optional-dependencies"]; print("\n".join(p["dependencies"] + extra["server"] + extra["optuna"] + extra["pipelines"]))' \
         < /tmp/metaplatform/pyproject.toml > /tmp/requirements.txt \
     && /opt/venv/bin/pip install -r /tmp/requirements.txt "ray[default,train,tune]==${RAY_VERSION}" \
     && rm /tmp/requirements.txt
@@ -47,6 +47,7 @@ RUN --mount=type=secret,id=ca \
 # site-packages, which makes `platform.*` importable from any directory (docs/architecture.md).
 COPY README.md metaplatform.pth metaplatform_hook.py /tmp/metaplatform/
 COPY platform/ /tmp/metaplatform/platform/
+COPY pipelines/ /tmp/metaplatform/pipelines/
 RUN --mount=type=secret,id=ca \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \
     /opt/venv/bin/pip install --no-deps /tmp/metaplatform \

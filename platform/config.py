@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -241,6 +242,10 @@ def _apply_override(data: dict[str, Any], override: str) -> str | None:
     key, sep, raw = override.partition("=")
     if not sep or not key:
         return f"override '{override}': expected key=value, e.g. optim.inner_lr=0.4"
+    mapping, _, entry = key.rpartition(".")
+    if entry and mapping in _dotted_keys(RunConfig) and typing.get_origin(field_annotation(mapping)) is dict:
+        _set(data, key, raw)  # one entry of a mapping of strings: `tracking.tags.team=vision`
+        return None
     if key not in _dotted_keys(RunConfig):
         fields = [k for k in _dotted_keys(RunConfig) if k.startswith(key + ".")]
         if fields:  # a whole section: `optim=...`

@@ -104,6 +104,14 @@ def test_override_null_and_precedence_over_file(tmp_path):
     assert config.optim.outer_lr == 0.01
 
 
+def test_override_sets_one_entry_of_a_mapping_as_a_string(tmp_path):
+    path = write(tmp_path / "c.yaml", "tracking: {tags: {team: vision}}\n")
+    config = load_config(path, ["tracking.tags.pipeline_run=0123", "tracking.tags.note=a=b"])
+    assert config.tracking.tags == {"team": "vision", "pipeline_run": "0123", "note": "a=b"}
+    (problem,) = problems_of(None, ["optim.inner_lr.x=1"])  # not a mapping
+    assert "unknown key 'optim.inner_lr.x'" in problem
+
+
 def test_unknown_override_key_suggests_closest_name():
     (problem,) = problems_of(None, ["optim.iner_lr=0.1"])
     assert "optim.iner_lr" in problem and "did you mean 'optim.inner_lr'" in problem

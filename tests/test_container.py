@@ -131,6 +131,20 @@ def test_train_help_from_root_and_stdlib_platform_intact(image):
     assert {"metaplatform.pth", "metaplatform_hook.py"} <= set(result.stdout.split())
 
 
+def test_pipeline_steps_run_on_the_image(image):
+    """The Kubeflow pipeline's components run `python3 -m kfp.dsl.executor_main` on this image with no
+    install step: kfp, its Kubernetes extension and the steps are there, and stdlib `platform` is intact."""
+    probe = (
+        "import json, platform, kfp, kfp.dsl.executor_main, kfp.kubernetes, pipelines.steps; "
+        "from pipelines.pipeline import build_pipeline; build_pipeline('x'); "
+        "print(json.dumps([kfp.__version__, platform.system(), pipelines.steps.__file__]))"
+    )
+    result = run("python3", "-c", probe, options=("--workdir", "/"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    version, system, steps = json.loads(result.stdout.splitlines()[-1])
+    assert version.startswith("2.") and system == "Linux" and steps.startswith("/opt/venv/lib/")
+
+
 def test_login_shell_finds_the_venv(image):
     """KubeRay's commands run in `bash -lc`: Debian's /etc/profile resets PATH, the image puts the venv back."""
     result = run("/bin/bash", "-lc", "--", "command -v ray python mlflow wget")
