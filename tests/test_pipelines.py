@@ -33,14 +33,16 @@ def compile_pipeline(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 def compiled(tmp_path_factory) -> tuple[dict, dict]:
     """The pipeline spec and its Kubernetes platform spec, compiled with the command."""
     folder = tmp_path_factory.mktemp("compiled")
-    result = compile_pipeline(folder, "--output", "pipeline.yaml", "--image", "registry.example/metaplatform:9.9")
+    result = compile_pipeline(
+        folder, "--output", "pipeline.yaml", "--image", "registry.example/metaplatform:9.9", "--graph", "pipeline.dot"
+    )
     assert result.returncode == 0, result.stderr
     spec, platform_spec = yaml.safe_load_all((folder / "pipeline.yaml").read_text())
-    return spec, platform_spec
+    return spec, platform_spec, (folder / "pipeline.dot").read_text()
 
 
 def test_the_ir_has_four_steps_in_order_with_register_under_the_condition(compiled):
-    spec, _ = compiled
+    spec, _, _ = compiled
     tasks = spec["root"]["dag"]["tasks"]
     assert set(tasks) == {"tune", "train", "evaluate", "condition-1"}
     assert tasks["train"]["dependentTasks"] == ["tune"]
@@ -65,7 +67,7 @@ def test_the_ir_has_four_steps_in_order_with_register_under_the_condition(compil
 
 
 def test_the_ir_parameters_are_typed_with_defaults(compiled):
-    spec, _ = compiled
+    spec, _, _ = compiled
     params = spec["root"]["inputDefinitions"]["parameters"]
     expected = {
         "config": ("STRING", "configs/omniglot-5w1s.yaml"),
@@ -86,7 +88,7 @@ def test_the_ir_parameters_are_typed_with_defaults(compiled):
 
 
 def test_the_ir_runs_every_step_on_the_image_without_installs_and_mounts_the_ray_token(compiled):
-    spec, platform_spec = compiled
+    spec, platform_spec, _ = compiled
     executors = spec["deploymentSpec"]["executors"]
     assert len(executors) == 4
     for executor in executors.values():
@@ -101,6 +103,14 @@ def test_the_ir_runs_every_step_on_the_image_without_installs_and_mounts_the_ray
     for executor in k8s.values():  # the chart's NetworkPolicy admits labelled clients
         assert executor["podMetadata"]["labels"] == {"metaplatform.io/client": "true"}
     assert "exec-register" in k8s and "RAY_AUTH_TOKEN" not in json.dumps(k8s["exec-register"])
+
+
+def test_the_graph_drawn_from_the_ir(compiled):
+    *_, dot = compiled
+    for edge in ('"tune" -> "train"', '"train" -> "evaluate"', '"evaluate" -> "register"'):
+        assert edge in dot
+    cluster = dot[dot.index('subgraph "cluster_condition-1"') :]
+    assert cluster.index('"register"') < cluster.index("}")  # register is drawn inside the condition
 
 
 @pytest.mark.parametrize(
