@@ -1,8 +1,11 @@
-"""Meta-test a checkpoint: `python -m platform.evaluate --checkpoint LOCATION [--tasks 600] [--steps N]`.
+"""Meta-test a checkpoint: `python -m platform.evaluate --checkpoint LOCATION [--tasks 600] [--steps N]
+[--ways W] [--shots K] [--query Q]`.
 
 The standard protocol of the papers: adapt to each of `--tasks` held-out tasks from its support
 set and report the mean query accuracy (classification) or MSE (regression) with a 95% confidence
-interval. Runs in this process; no Ray cluster is needed.
+interval. The test-time settings the papers vary (inner steps, shots, query size; ways for
+ProtoNets, whose model has no classifier head) default to the run's own. Runs in this process; no
+Ray cluster is needed.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import numpy as np
 
 from platform.checkpoint import load_checkpoint
 from platform.cli import first_line, run
-from platform.config import RunConfig
+from platform.config import ConfigError, RunConfig, with_values
 from platform.engine import EVAL_METRICS, AdaptationWorker, flatten
 from platform.tasks import evaluation_seeds
 
@@ -41,12 +44,37 @@ def evaluate(config: RunConfig, params: dict, split: str, tasks: int, steps: int
     return summarize(rows, config.classification)
 
 
+def test_time_config(
+    config: RunConfig, ways: int | None, shots: int | None, query: int | None
+) -> tuple[RunConfig, str]:
+    """The run's config with the test-time task settings, and their name when they differ from the
+    run's ("20w1s15q": what the MLflow metrics of this evaluation are prefixed with), else ""."""
+    values = {f"task.{k}": v for k, v in {"ways": ways, "shots": shots, "query": query}.items() if v is not None}
+    if not values:
+        return config, ""
+    if ways is not None and ways != config.task.ways and config.algorithm != "protonet":
+        head = f"a {config.algorithm} model's classifier head has {config.task.ways} outputs"
+        raise ConfigError(
+            [f"--ways {ways}: {head} (trained {config.task.ways}-way); only protonet evaluates other ways"]
+        )
+    tested = with_values(config, values, "test-time settings")
+    t, run = tested.task, config.task
+    if (t.ways, t.shots, t.query) == (run.ways, run.shots, run.query):
+        return tested, ""
+    return tested, f"{t.ways}w{t.shots}s{t.query}q" if tested.classification else f"k{t.shots}q{t.query}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Meta-test a trained checkpoint on held-out tasks.")
     parser.add_argument("--checkpoint", required=True, help="checkpoint file, or folder / s3:// prefix (newest)")
     parser.add_argument("--tasks", type=int, default=600, help="held-out tasks (default 600)")
     parser.add_argument("--steps", type=int, help="inner steps (default: the run's optim.test_inner_steps)")
     parser.add_argument("--split", choices=("test", "val", "train"), default="test")
+    parser.add_argument(
+        "--ways", type=int, help="classes per task (default: the run's; other values for protonet only)"
+    )
+    parser.add_argument("--shots", type=int, help="support examples per class (default: the run's)")
+    parser.add_argument("--query", type=int, help="query examples per class (default: the run's)")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log the result to MLflow")
     args = parser.parse_args(argv)
     if args.tasks < 2:
@@ -56,10 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     state = load_checkpoint(args.checkpoint)
     config = RunConfig.model_validate(state["config"])
     steps = config.optim.test_inner_steps if args.steps is None else args.steps
+    config, setting = test_time_config(config, args.ways, args.shots, args.query)
     start = time.perf_counter()
     result = evaluate(config, state["params"], args.split, args.tasks, steps)
+    t = config.task
+    shape = f", {t.ways}-way {t.shots}-shot" if config.classification else f", K = {t.shots}"
     print(
-        f"{config.algorithm} on {config.task.kind} ({args.split} split), iteration {state['iteration']}, "
+        f"{config.algorithm} on {config.task.kind} ({args.split} split{shape}), iteration {state['iteration']}, "
         f"{args.tasks} tasks{'' if config.algorithm == 'protonet' else f', {steps} inner steps'}: "
         f"{format_eval(result, config.classification)} "
         f"(95% CI, {time.perf_counter() - start:.1f}s)"
@@ -67,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     if config.tracking.mlflow and not args.no_mlflow:
         from platform.tracking import log_evaluation, tracking_uri
 
-        report = {"split": args.split, "iteration": state["iteration"], "steps": steps} | result
+        report = {"split": args.split, "setting": setting, "iteration": state["iteration"], "steps": steps} | result
         try:
             run_id = log_evaluation(state, args.checkpoint, report)
             print(f"logged to MLflow run {run_id} in {tracking_uri(config)}")

@@ -306,3 +306,21 @@ def test_bad_input_exits_2_with_one_line_per_problem(name, tmp_path):
 def test_train_help(tmp_path):
     result = python_m(["platform.train", "--help"], tmp_path)
     assert result.returncode == 0 and "--config" in result.stdout and "key=value" in result.stdout
+
+
+def test_test_time_settings_of_evaluate():
+    from platform.evaluate import test_time_config
+
+    base = load_config(None)  # sinusoid, K = 10, 10 query
+    assert test_time_config(base, None, None, None) == (base, "")
+    config, name = test_time_config(base, None, 5, None)
+    assert config.task.shots == 5 and name == "k5q10"
+    assert test_time_config(base, None, 10, 10)[1] == ""  # the run's own setting
+    with pytest.raises(ConfigError) as e:
+        test_time_config(base, 20, None, None)
+    assert e.value.problems == [
+        "--ways 20: a maml model's classifier head has 5 outputs (trained 5-way); only protonet evaluates other ways"
+    ]
+    with pytest.raises(ConfigError) as e:
+        test_time_config(base, None, 0, None)
+    assert "task.shots = 0" in e.value.problems[0]

@@ -1,5 +1,6 @@
 """The time-to-accuracy harness on a tiny setting: trains, resumes, and reports the curve."""
 
+import json
 import re
 import subprocess
 import sys
@@ -22,6 +23,14 @@ def test_report_finds_the_first_iteration_over_each_threshold():
     assert "90%: reached at iteration 2 after 2.0 min" in text
     assert "95%: reached at iteration 4 after 4.0 min" in text
     assert "95%: not reached in 2 iterations" in report(history[:2])
+    assert "98.5%: not reached in 4 iterations" in text
+
+
+def test_report_of_the_meta_test_curve():
+    history = [{"iteration": 3, "train_s": 30.0, "test": {"accuracy": 0.986, "accuracy_ci95": 0.002}}]
+    text = report(history, "test")
+    assert "meta-test accuracy" in text and "| 3 | 0.5 | 0.9860 ± 0.0020 |" in text
+    assert "98.5%: reached at iteration 3 after 0.5 min" in text
 
 
 def test_harness_trains_resumes_and_reports(ray_cluster, tmp_path):
@@ -40,3 +49,12 @@ def test_harness_trains_resumes_and_reports(ray_cluster, tmp_path):
     assert [int(i) for i, _ in rows] == [2, 4]
     assert "90%:" in out and "95%:" in out
     assert harness("--report-only", "optim.iterations=4").strip().endswith(out.strip().splitlines()[-1])
+    # Meta-test of every kept checkpoint (2 and 4) on held-out tasks, cached for the next report.
+    out = harness("--report-only", "--split", "test", "--tasks", "10", "optim.iterations=4")
+    assert re.findall(r"^meta-tested iteration (\d+)", out, re.MULTILINE) == ["2", "4"]
+    rows = re.findall(r"^\| (\d+) \| [\d.]+ \| ([\d.]+) ± ", out, re.MULTILINE)
+    assert [int(i) for i, _ in rows] == [2, 4] and all(0 <= float(a) <= 1 for _, a in rows)
+    cached = json.loads((tmp_path / "meta-test.json").read_text())
+    assert set(cached) == {"2:10", "4:10"} and all(r["tasks"] == 10 for r in cached.values())
+    again = harness("--report-only", "--split", "test", "--tasks", "10", "optim.iterations=4")
+    assert "meta-tested" not in again and again.strip().splitlines()[-1] == out.strip().splitlines()[-1]

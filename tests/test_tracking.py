@@ -141,6 +141,16 @@ def test_evaluate_logs_into_the_checkpoints_run(server_run, mlflow_server, ray_c
     mse = float(re.search(r"mse ([\d.]+)", result.stdout)[1])
     assert metrics["test/loss"] == pytest.approx(mse, abs=5e-5) and "test/loss_ci95" in metrics
 
+    # Other test-time settings (K = 5 instead of the run's 10) are logged under names of their own.
+    result = subprocess.run(
+        [sys.executable, "-m", "platform.evaluate", "--checkpoint", str(location), "--tasks", "40", "--shots", "5"],
+        env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0 and ", K = 5)" in result.stdout, result.stdout + result.stderr
+    metrics = MlflowClient(mlflow_server.url).get_run(run.info.run_id).data.metrics
+    assert metrics["test-k5q10/loss"] == pytest.approx(float(re.search(r"mse ([\d.]+)", result.stdout)[1]), abs=5e-5)
+    assert metrics["test/loss"] == pytest.approx(mse, abs=5e-5)  # the run's own setting is untouched
+
 
 def test_a_server_outage_mid_run_loses_nothing(ray_cluster, mlflow_server, server_run, tmp_path):
     location = tmp_path / "ckpt"
