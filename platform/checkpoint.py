@@ -148,6 +148,14 @@ class _S3Prefix:
             self.client.delete_object(Bucket=self.bucket, Key=self.prefix + name)
 
 
+def open_storage(location: str | Path) -> _LocalFolder | _S3Prefix:
+    """Named files under a local folder or an s3://bucket/prefix, each written whole or not at all
+    (`names()`, `read(name)`, `write(name, data)`, `delete(name)`, `uri(name)`); CheckpointError if unusable."""
+    if str(location).startswith("s3://"):
+        return _S3Prefix(str(location))
+    return _LocalFolder(location)
+
+
 class CheckpointStore:
     """Checkpoints under a local folder or an s3://bucket/prefix URI, named ckpt-<iteration:08d>.pt.
 
@@ -161,10 +169,7 @@ class CheckpointStore:
         if keep < 1:
             raise ValueError(f"keep must be at least 1, got {keep}")
         self.keep = keep
-        if str(location).startswith("s3://"):
-            self._backend = _S3Prefix(str(location))
-        else:
-            self._backend = _LocalFolder(location)
+        self._backend = open_storage(location)
         self.location = self._backend.location
 
     def uri(self, iteration: int) -> str:

@@ -11,10 +11,12 @@ with a checkpoint (Tune is one more observer of the training loop, `TuneReporter
 trials early, PBT restores a trial from a better one's checkpoint with perturbed hyperparameters,
 and a failed trial restarts from its last checkpoint.
 
-A sweep lives in `checkpoint.dir` (a local or shared folder): Tune's experiment in `tune/`, each
-trial's training checkpoints in its trial folder, `sweep.json` (the sweep's identity and its MLflow
-parent run) and, at the end, `best.yaml`: the best trial's config, which `python -m platform.train
---config` runs as it is. In MLflow a sweep is one parent run with one child run per trial.
+A sweep lives in `checkpoint.dir` (a local or shared folder, or an s3:// prefix, which every node
+reaches): Tune's experiment in `tune/`, `sweep.json` (the sweep's identity and its MLflow parent
+run) and, at the end, `best.yaml`: the best trial's config, which `python -m platform.train
+--config` runs as it is. Each trial's training checkpoints are in its trial folder under `tune/`
+(for an S3 sweep, in the trial node's cache: Tune's own checkpoints of the trials are in S3).
+In MLflow a sweep is one parent run with one child run per trial.
 """
 
 from __future__ import annotations
@@ -204,13 +206,18 @@ def run_trial(hyperparameters: dict, base: dict, sweep: dict) -> None:
     from ray import tune
 
     from platform.checkpoint import CheckpointStore
+    from platform.data import cache_dir
     from platform.tracking import MlflowTracker
     from platform.train import train
 
     context = tune.get_context()
     trial_id = context.get_trial_id()
-    # The trial's folder in the sweep (Tune's own trial dir is a staging folder in Ray's temp dir).
-    trial_dir = Path(sweep["root"]) / "tune" / f"trial_{trial_id}"
+    # The trial's folder in the sweep (Tune's own trial dir is a staging folder in Ray's temp dir);
+    # for an S3 sweep, in this node's cache: a restarted trial starts from its Tune checkpoint.
+    if sweep["root"].startswith("s3://"):
+        trial_dir = cache_dir() / "tune-trials" / sweep["key"] / f"trial_{trial_id}"
+    else:
+        trial_dir = Path(sweep["root"]) / "tune" / f"trial_{trial_id}"
     tags = {"metaplatform.sweep": sweep["key"], "tune.trial": trial_id}
     if sweep.get("parent_run_id"):
         tags["mlflow.parentRunId"] = sweep["parent_run_id"]
@@ -289,23 +296,45 @@ def make_search(name: str, metric: str, mode: str, seed: int):
 
 
 class Sweep:
-    """The sweep's folder and its MLflow parent run (see the module docstring)."""
+    """The sweep's folder (local, shared, or an s3:// prefix) and its MLflow parent run (see the module docstring)."""
 
     def __init__(self, config: RunConfig):
+        from platform.checkpoint import open_storage
+
         self.config = config
-        self.root = Path(config.checkpoint.dir).expanduser().absolute()
-        self.file = self.root / SWEEP_FILE
-        self.info = json.loads(self.file.read_text()) if self.file.is_file() else None
+        self.remote = config.checkpoint.dir.startswith("s3://")
+        location = config.checkpoint.dir
+        self.root = location.rstrip("/") if self.remote else str(Path(location).expanduser().absolute())
+        self.store = open_storage(self.root)
+        self.info = json.loads(self.store.read(SWEEP_FILE)) if SWEEP_FILE in self.store.names() else None
         self.client = None
 
+    def path(self, *parts: str) -> str:
+        """A location in the sweep, e.g. path("tune") for Tune's experiment."""
+        return "/".join([self.root, *parts])
+
     def create(self, args, space: dict) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
         self.info = {"key": uuid.uuid4().hex[:12], "parent_run_id": None}
         if self.config.tracking.mlflow:
             self.info["parent_run_id"] = self._create_parent(args, space)
-        tmp = self.file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.info))
-        os.replace(tmp, self.file)
+        self.store.write(SWEEP_FILE, json.dumps(self.info).encode())  # atomic: whole or absent
+
+    def tune_storage(self):
+        """Ray Tune's (storage path, filesystem): the folder itself, or the S3 prefix with a pyarrow
+        filesystem made from this driver's AWS_* settings. Tune ships the filesystem to the trials,
+        whose processes may lack those settings (they run with the cluster's environment)."""
+        if not self.remote:
+            return self.root, None
+        from pyarrow import fs
+
+        options = {
+            "endpoint_override": os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
+            "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
+            "access_key": os.environ.get("AWS_ACCESS_KEY_ID"),
+            "secret_key": os.environ.get("AWS_SECRET_ACCESS_KEY"),
+            "session_token": os.environ.get("AWS_SESSION_TOKEN"),
+        }
+        return self.root.removeprefix("s3://"), fs.S3FileSystem(**{k: v for k, v in options.items() if v})
 
     def _mlflow(self):
         if self.client is None:
@@ -339,13 +368,15 @@ class Sweep:
             warn(f"no MLflow parent run for the sweep ({first_line(e)})")
             return None
 
-    def finish(self, table: list[dict], best: dict | None, best_yaml: Path | None) -> None:
+    def finish(self, table: list[dict], best: dict | None) -> None:
         """Deliver what stopped trials left in their spools, close their runs, record the best in the parent."""
         from platform.tracking import RUN_KEY_TAG, Delivery, Spool
 
         if not self.config.tracking.mlflow:
             return
-        for spool in sorted(self.root.glob("tune/*/checkpoints/mlflow-spool/*/records.jsonl")):
+        # Spools of trials whose process ended before delivering (on S3 sweeps they are on the trials' nodes).
+        spools = [] if self.remote else Path(self.root).glob("tune/*/checkpoints/mlflow-spool/*/records.jsonl")
+        for spool in sorted(spools):
             spool = Spool(spool.parent)
             delivery = Delivery(spool, spool.uri, report=warn)
             while spool.pending and delivery.run_once():
@@ -383,8 +414,9 @@ class Sweep:
                     client.set_tag(parent, key, value)
                 if best.get("run_id"):
                     client.set_tag(parent, "best.run_id", best["run_id"])
-                if best_yaml is not None:
-                    client.log_artifact(parent, str(best_yaml))
+                with tempfile.TemporaryDirectory() as folder:
+                    Path(folder, "best.yaml").write_bytes(self.store.read("best.yaml"))
+                    client.log_artifact(parent, str(Path(folder, "best.yaml")))
                 self._register(best)
             client.set_terminated(parent, "FINISHED")
         except Exception as e:  # noqa: BLE001 - the sweep's results are on disk and printed
@@ -414,6 +446,15 @@ class Sweep:
         print(f"registered the best trial's model as {name} version {version.version}")
 
 
+def _location(checkpoint) -> str:
+    """A Tune checkpoint's location as users write it (pyarrow's S3 paths lack the scheme)."""
+    return (
+        f"{checkpoint.filesystem.type_name}://{checkpoint.path}"
+        if checkpoint.filesystem.type_name == "s3"
+        else checkpoint.path
+    )
+
+
 def summarize(results, config: RunConfig) -> tuple[list[dict], dict | None]:
     """One row per trial (its hyperparameters, best metric, iterations, early stop) and the best trial.
 
@@ -437,7 +478,7 @@ def summarize(results, config: RunConfig) -> tuple[list[dict], dict | None]:
             best is None or (row["value"] > best["value"] if mode == "max" else row["value"] < best["value"])
         ):
             checkpoint = result.get_best_checkpoint(metric, mode)
-            best = row | {"metric_name": metric, "checkpoint": checkpoint.path if checkpoint else None}
+            best = row | {"metric_name": metric, "checkpoint": _location(checkpoint) if checkpoint else None}
     return table, best
 
 
@@ -486,10 +527,6 @@ def main(argv: list[str] | None = None) -> int:
         problems.append(
             f"eval.every = {config.eval.every}: a sweep ranks trials by meta-validation; set 0 < eval.every <= optim.iterations"
         )
-    if config.checkpoint.dir.startswith("s3://"):
-        problems.append(
-            f"checkpoint.dir = {config.checkpoint.dir!r}: a sweep needs a local or shared folder (Tune's experiment lives there)"
-        )
     if args.search == "optuna" and args.scheduler == "pbt":
         problems.append(
             "--search optuna with --scheduler pbt: PBT draws and mutates trials itself; use --search random"
@@ -501,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     search = make_search(args.search, metric, mode, config.seed)
 
     sweep = Sweep(config)
-    experiment = sweep.root / "tune"
+    experiment = sweep.path("tune")
     if args.resume and sweep.info is None:
         print(f"no sweep in {sweep.root}: starting a new one")
     elif not args.resume and sweep.info is not None:
@@ -518,7 +555,8 @@ def main(argv: list[str] | None = None) -> int:
     from platform.tune import run_trial  # by name, not __main__'s copy: trials unpickle it by reference
 
     connect_ray(1 + config.resources.workers * config.resources.cpus_per_worker)
-    resuming = sweep.info is not None and tune.Tuner.can_restore(str(experiment))
+    storage_path, storage_fs = sweep.tune_storage()
+    resuming = sweep.info is not None and tune.Tuner.can_restore(f"{storage_path}/tune", storage_filesystem=storage_fs)
     if sweep.info is None:
         sweep.create(args, space)
     print(f"sweep {sweep.info['key']} in {sweep.root}: {args.samples} trials, {args.scheduler}, {args.search} search, "
@@ -528,12 +566,18 @@ def main(argv: list[str] | None = None) -> int:
     base = config.model_dump(mode="json")
     base["tracking"]["uri"] = tracking_uri(config)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base, sweep=sweep.info | {"root": str(sweep.root)}),
+        tune.with_parameters(run_trial, base=base, sweep=sweep.info | {"root": sweep.root}),
         trial_resources(config),
     )
     if resuming:
         print(f"resuming the sweep from {experiment}", flush=True)
-        tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(
+            f"{storage_path}/tune",
+            trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            storage_filesystem=storage_fs,
+        )
     else:
         tuner = tune.Tuner(
             trainable,
@@ -549,7 +593,8 @@ def main(argv: list[str] | None = None) -> int:
             ),
             run_config=tune.RunConfig(
                 name="tune",
-                storage_path=str(sweep.root),
+                storage_path=storage_path,
+                storage_filesystem=storage_fs,
                 failure_config=tune.FailureConfig(max_failures=args.max_failures),
                 verbose=1,
             ),
@@ -559,24 +604,19 @@ def main(argv: list[str] | None = None) -> int:
     table, best = summarize(results, config)
     print()
     print_table(table, space, metric)
-    best_yaml = None
     if best is not None:
         best_config = with_values(
             config,
-            {k: best["config"][k] for k in space}
-            | {"checkpoint.dir": str(sweep.root / "best"), "tracking.run_name": None},
+            {k: best["config"][k] for k in space} | {"checkpoint.dir": sweep.path("best"), "tracking.run_name": None},
             "best trial",
         )
-        best_yaml = sweep.root / "best.yaml"
-        tmp = best_yaml.with_suffix(".tmp")
-        tmp.write_text(
-            f"# best trial {best['trial']} of sweep {sweep.info['key']}: {metric} {best['value']:.4f}\n"
-            + best_config.to_yaml()
-        )
-        os.replace(tmp, best_yaml)
+        text = f"# best trial {best['trial']} of sweep {sweep.info['key']}: {metric} {best['value']:.4f}\n"
+        sweep.store.write("best.yaml", (text + best_config.to_yaml()).encode())
+        best_yaml = sweep.path("best.yaml")
+        how = "also in the MLflow parent run" if sweep.remote else f"python -m platform.train --config {best_yaml}"
         print(f"\nbest trial {best['trial']}: {metric} {best['value']:.4f} at iteration {best['iteration']}; "
-              f"checkpoint {best['checkpoint']}\nbest config: {best_yaml} (python -m platform.train --config {best_yaml})")  # fmt: skip
-    sweep.finish(table, best, best_yaml)
+              f"checkpoint {best['checkpoint']}\nbest config: {best_yaml} ({how})")  # fmt: skip
+    sweep.finish(table, best)
     if sweep.info.get("parent_run_id"):
         print(f"MLflow parent run {sweep.info['parent_run_id']}")
     errors = [row["trial"] for row in table if row["error"]]

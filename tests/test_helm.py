@@ -736,12 +736,15 @@ def _submit_like_kuberay(ray_cluster, entrypoint: str, runtime_env: dict, tmp_pa
     return proc.returncode, log.read_text()
 
 
-def test_rendered_tune_command_is_real(tmp_path, ray_cluster):
-    """A Tune sweep RayJob's rendered entrypoint, submitted as KubeRay does, finishes."""
+def test_rendered_tune_command_is_real(tmp_path, ray_cluster, s3_bucket):
+    """A Tune sweep RayJob's rendered entrypoint, submitted as KubeRay does, finishes with the
+    sweep in S3 (what the trials' pods all reach on a cluster)."""
+    import boto3
+
     values = {
         "mlflow": {"enabled": False},
         "ray": {"driverMetricsPort": _free_port()},
-        "checkpoints": {"uri": str(tmp_path / "checkpoints")},  # the pod's /tmp, here
+        "checkpoints": {"uri": f"s3://{s3_bucket}/checkpoints"},
         "jobs": [
             {
                 "name": "sweep",
@@ -759,9 +762,15 @@ def test_rendered_tune_command_is_real(tmp_path, ray_cluster):
     assert shlex.split(job["entrypoint"])[:9] == [
         "python", "-m", "platform.tune", "--config", "configs/sinusoid.yaml", "--samples", "2", "--scheduler", "fifo"
     ]  # fmt: skip
-    runtime_env = {"working_dir": str(_image_workdir(tmp_path)), "env_vars": {"HOME": str(tmp_path)}}
+    # The pods' S3 settings (the chart's s3 Secret and endpoint) are the job's environment here.
+    aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    runtime_env = {"working_dir": str(_image_workdir(tmp_path)), "env_vars": {"HOME": str(tmp_path), **aws}}
     returncode, output = _submit_like_kuberay(ray_cluster, job["entrypoint"], runtime_env, tmp_path, timeout=400)
     assert returncode == 0, output[-5000:]
+    keys = [
+        o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket, Prefix="checkpoints/sweep/")["Contents"]
+    ]
+    assert {"checkpoints/sweep/sweep.json", "checkpoints/sweep/best.yaml"} <= set(keys)
 
 
 def _free_port() -> int:

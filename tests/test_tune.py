@@ -224,3 +224,30 @@ def test_bad_search_spaces_exit_2_naming_each_problem(tmp_path):
         assert line.startswith(f"error: {space}: {want}"), (line, want)
     assert "greater than 0" in errors[3] and "more workers than the 2 gradient chunks" in errors[4]
     assert not (tmp_path / "s").exists()  # nothing was started or written
+
+
+def test_a_sweep_in_s3_keeps_everything_there_and_resumes(ray_cluster, mlflow_server, s3_bucket, tmp_path):
+    """checkpoint.dir = s3://...: what every trial node reaches on a cluster without a shared volume.
+    The trials' processes run with the cluster's environment (the test head may lack the AWS_*
+    settings): they reach S3 through the filesystem the driver hands to Tune."""
+    import boto3
+
+    location = f"s3://{s3_bucket}/sweeps/s3"
+    args = ["--samples", "2", "--scheduler", "fifo", f"checkpoint.dir={location}"]
+    out = finish(start_tune(ray_cluster, tmp_path / "unused", *args, uri=mlflow_server.url), 600)
+    assert len(table(out)) == 2 and f"best config: {location}/best.yaml" in out, out[-3000:]
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket, Prefix="sweeps/s3/")["Contents"]]
+    assert {"sweeps/s3/sweep.json", "sweeps/s3/best.yaml"} <= set(keys)
+    assert any(re.fullmatch(r"sweeps/s3/tune/experiment_state-.*\.json", k) for k in keys), keys
+    # Every reported result's checkpoint is in S3: each of the 2 trials reported at iterations 10..40.
+    checkpoints = {k.rsplit("/", 1)[0] for k in keys if re.search(r"/tune/trial_\w+/checkpoint_\d+/ckpt-\d+\.pt$", k)}
+    assert len(checkpoints) == 2 * ITERATIONS // 10, sorted(checkpoints)
+    best = yaml.safe_load(boto3.client("s3").get_object(Bucket=s3_bucket, Key="sweeps/s3/best.yaml")["Body"].read())
+    assert best["checkpoint"]["dir"] == f"{location}/best"
+    client = MlflowClient(mlflow_server.url)
+    assert "best.yaml" in [a.path for a in client.list_artifacts(parent_of(out))]
+    assert not (tmp_path / "unused").exists()  # nothing local
+
+    again = finish(start_tune(ray_cluster, tmp_path / "unused", *args, "--resume", uri=mlflow_server.url), 600)
+    assert f"resuming the sweep from {location}/tune" in again and parent_of(again) == parent_of(out)
+    assert len(table(again)) == 2
