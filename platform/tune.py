@@ -283,8 +283,10 @@ def make_scheduler(name: str, config: RunConfig, space: dict):
 
 
 def make_search(name: str, metric: str, mode: str, seed: int):
-    if name == "random":
-        return None  # Tune's default: random draws from the space
+    if name == "random":  # Tune's default, seeded: the same config draws the same trials
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=seed)
     try:  # OptunaSearch itself imports without Optuna and fails only when used
         import optuna
         from ray.tune.search.optuna import OptunaSearch

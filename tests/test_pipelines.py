@@ -19,7 +19,14 @@ from mlflow import MlflowClient
 
 REPO = Path(__file__).resolve().parents[1]
 # A tiny sinusoid run: trials and training take seconds; meta-validation on few tasks.
-OVERRIDES = ["resources.workers=1", "eval.every=5", "eval.tasks=20", "log_every=5"]
+OVERRIDES = [
+    "resources.workers=1",
+    "optim.meta_batch=10",
+    "optim.chunk=5",
+    "eval.every=10",
+    "eval.tasks=20",
+    "log_every=10",
+]
 REGISTER = "Executing task \x1b[96m'register'"  # kfp.local's line, colours included
 
 
@@ -215,6 +222,9 @@ def test_the_pipeline_registers_a_better_model_and_keeps_the_champion_otherwise(
     out = second.stdout + second.stderr
     assert second.returncode == 0, out[-6000:]
     _, worse = runs_of(client, name, "train")
+    # The sweep is seeded by the config: the same trials, so the same hyperparameters were trained.
+    for key in ("optim.inner_lr", "optim.outer_lr", "optim.inner_steps"):
+        assert worse.data.params[key] == trained.data.params[key], key
     assert worse.data.metrics["test/loss"] > trained.data.metrics["test/loss"]
     reason = worse.data.tags["champion_comparison"]
     assert reason.startswith("test/loss") and f"is not better than {name!r} version 1 (champion)" in reason

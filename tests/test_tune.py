@@ -233,15 +233,15 @@ def test_a_sweep_in_s3_keeps_everything_there_and_resumes(ray_cluster, mlflow_se
     import boto3
 
     location = f"s3://{s3_bucket}/sweeps/s3"
-    args = ["--samples", "2", "--scheduler", "fifo", f"checkpoint.dir={location}"]
+    args = ["--samples", "2", "--scheduler", "fifo", "optim.iterations=20", f"checkpoint.dir={location}"]
     out = finish(start_tune(ray_cluster, tmp_path / "unused", *args, uri=mlflow_server.url), 600)
     assert len(table(out)) == 2 and f"best config: {location}/best.yaml" in out, out[-3000:]
     keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket, Prefix="sweeps/s3/")["Contents"]]
     assert {"sweeps/s3/sweep.json", "sweeps/s3/best.yaml"} <= set(keys)
     assert any(re.fullmatch(r"sweeps/s3/tune/experiment_state-.*\.json", k) for k in keys), keys
-    # Every reported result's checkpoint is in S3: each of the 2 trials reported at iterations 10..40.
+    # Every reported result's checkpoint is in S3: each of the 2 trials reported at iterations 10 and 20.
     checkpoints = {k.rsplit("/", 1)[0] for k in keys if re.search(r"/tune/trial_\w+/checkpoint_\d+/ckpt-\d+\.pt$", k)}
-    assert len(checkpoints) == 2 * ITERATIONS // 10, sorted(checkpoints)
+    assert len(checkpoints) == 2 * 2, sorted(checkpoints)
     best = yaml.safe_load(boto3.client("s3").get_object(Bucket=s3_bucket, Key="sweeps/s3/best.yaml")["Body"].read())
     assert best["checkpoint"]["dir"] == f"{location}/best"
     client = MlflowClient(mlflow_server.url)
