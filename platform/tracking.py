@@ -557,7 +557,7 @@ def log_evaluation(state: dict, location: str, report: dict) -> str:
         experiment_id = get_or_create_experiment(client, config.tracking.experiment, artifact_location(uri))
         tags = {"metaplatform.evaluates": location, "algorithm": config.algorithm, "task": config.task.kind}
         run_id = client.create_run(experiment_id, tags=tags).info.run_id
-    # Other test-time settings than the run's get metrics of their own: `test-20w1s/accuracy`.
+    # Other test-time settings than the run's get metrics of their own: `test-20w1s15q/accuracy`.
     split = "-".join(filter(None, (report["split"], report.get("setting"))))
     ts, step = _now_ms(), report["iteration"]
     metrics = {k: v for k, v in report.items() if isinstance(v, float) and np.isfinite(v)}
