@@ -64,7 +64,7 @@ def evaluate(ray_address: str, mlflow_uri: str, run_id: str, checkpoint: str, ta
 
     from pipelines.steps import evaluate, run_step
 
-    values, beats, _ = run_step(evaluate, ray_address, mlflow_uri, run_id, checkpoint, tasks, registered_model,
+    values, beats = run_step(evaluate, ray_address, mlflow_uri, run_id, checkpoint, tasks, registered_model,
                                 alias, runtime_env, pipeline_run)  # fmt: skip
     for name, value in values.items():
         if math.isfinite(value):  # KFP metadata cannot hold NaN

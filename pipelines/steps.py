@@ -64,9 +64,9 @@ def run_ray_job(address: str, entrypoint: list[str], submission_id: str, runtime
     that stops answering for a while (a head pod restarting) is waited for, up to UNREACHABLE_S.
     """
     client = ray_client(address)
-    submission_id = _resumable_id(client, submission_id)
+    submission_id, existing = _resumable_id(client, submission_id)
     command = shlex.join(entrypoint)
-    if _job(client, submission_id) is not None:
+    if existing is not None:
         print(f"following Ray job {submission_id} (already submitted): {command}", flush=True)
     else:
         print(f"submitting Ray job {submission_id} to {address}: {command}", flush=True)
@@ -120,13 +120,14 @@ def _job(client, submission_id: str):
         raise
 
 
-def _resumable_id(client, submission_id: str) -> str:
-    """`submission_id`, or the first `-retryN` after it that names no failed or stopped job."""
+def _resumable_id(client, submission_id: str):
+    """`submission_id`, or the first `-retryN` after it that names no failed or stopped job, with
+    the details of the job it names (None when there is none yet)."""
     candidate, n = submission_id, 1
     while (job := _job(client, candidate)) is not None and str(job.status.value) in ("FAILED", "STOPPED"):
         n += 1
         candidate = f"{submission_id}-retry{n}"
-    return candidate
+    return candidate, job
 
 
 def platform_command(command: str, config: str, overrides: list[str], extra: list[str], step: str, pipeline_run: str,
@@ -151,7 +152,7 @@ def mlflow_client(uri: str):
     return MlflowClient(uri)
 
 
-def find_run(client, experiment: str, pipeline_run: str, step: str, top_level: bool = True):
+def find_run(client, experiment: str, pipeline_run: str, step: str):
     """The MLflow run of this pipeline run's `step` (the sweep's parent run for tune)."""
     found = client.get_experiment_by_name(experiment)
     runs = []
@@ -161,7 +162,7 @@ def find_run(client, experiment: str, pipeline_run: str, step: str, top_level: b
             f"tags.pipeline_run = '{pipeline_run}' and tags.pipeline_step = '{step}'",
             order_by=["attributes.start_time DESC"],
         )
-    runs = [r for r in runs if not (top_level and "mlflow.parentRunId" in r.data.tags)]
+    runs = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]  # not a sweep's trials
     if not runs:
         raise StepError(f"no MLflow run of step {step} of pipeline run {pipeline_run} in experiment {experiment!r}")
     return runs[0]
@@ -224,9 +225,9 @@ def meta_test_result(client, run_id: str) -> tuple[str, float, float] | None:
 
 
 def evaluate(ray_address: str, mlflow_uri: str, run_id: str, checkpoint: str, tasks: int, registered_model: str,
-             alias: str, runtime_env: dict, pipeline_run: str) -> tuple[dict[str, float], bool, str]:  # fmt: skip
+             alias: str, runtime_env: dict, pipeline_run: str) -> tuple[dict[str, float], bool]:  # fmt: skip
     """Meta-test the checkpoint on `tasks` held-out tasks (logged into its run), and compare it with
-    the model holding `alias`. Returns the KFP metrics, whether it beats that model, and why."""
+    the model holding `alias` (why is tagged on the run). Returns the KFP metrics and whether it beats that model."""
     command = ["python", "-m", "platform.evaluate", "--checkpoint", checkpoint, "--tasks", str(tasks)]
     run_ray_job(ray_address, command, f"{pipeline_run}-evaluate", runtime_env)
     client = mlflow_client(mlflow_uri)
@@ -239,7 +240,7 @@ def evaluate(ray_address: str, mlflow_uri: str, run_id: str, checkpoint: str, ta
     beats, reason = compare_with_champion(client, name, value, registered_model, alias)
     client.set_tag(run_id, "champion_comparison", reason)
     print(f"meta-test {short} {value:.4f} ± {ci95:.4f} over {tasks} tasks; {reason}")
-    return metrics, beats, reason
+    return metrics, beats
 
 
 def compare_with_champion(client, metric: str, value: float, name: str, alias: str) -> tuple[bool, str]:
