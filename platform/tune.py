@@ -498,8 +498,9 @@ def print_table(table: list[dict], space: dict, metric: str) -> None:
         best = "error" if row["error"] else "-" if row["value"] is None else f"{row['value']:.4f}"
         rows.append([row["trial"], *values, best, str(row["iterations"]), "yes" if row["stopped"] else "no"])
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
-    for line in [head, *rows]:
-        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)))
+    # One write, so that trial logs Ray forwards to the terminal do not land between the rows.
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)) for line in [head, *rows]]
+    print("\n".join(lines), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,6 +44,9 @@ def start_tune(cluster, root: Path, *args: str, uri: str, env: dict | None = Non
     )
 
 
+RAY_LOG_LINE = re.compile(r"(\x1b\[\d+m)?\(\w+ pid=\d+")
+
+
 def table(out: str) -> list[list[str]]:
     """The rows of the sweep's closing table: trial, eta, lambda, steps, best metric, iterations, early-stopped."""
     lines = out.splitlines()
@@ -52,6 +55,8 @@ def table(out: str) -> list[list[str]]:
     ]
     rows = []
     for line in lines[start + 1 :]:
+        if RAY_LOG_LINE.match(line):  # a trial's log, forwarded by Ray, can land between the rows
+            continue
         if not line.strip():
             break
         rows.append(line.split())
