@@ -1,4 +1,5 @@
-"""Pictures of a run for MLflow: learning curves, and the MAML paper's sinusoid adaptation figure."""
+"""Pictures of runs: learning curves and the MAML paper's sinusoid adaptation figure (for MLflow), and
+time-to-accuracy curves (benchmarks.time_to_accuracy)."""
 
 from __future__ import annotations
 
@@ -50,6 +51,29 @@ def learning_curves(history: list[dict], classification: bool, path: Path) -> Pa
         )
     loss.set(xlabel="meta-iteration", ylabel="loss", title="Loss", yscale="log")
     loss.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def accuracy_over_time(curves: dict[str, list[dict]], split: str, thresholds: tuple[float, ...], path: Path) -> Path:
+    """Accuracy (with 95% CIs) against minutes of training, one line per run: time to accuracy."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label, curve in curves.items():
+        ax.errorbar(
+            [r["train_s"] / 60 for r in curve],
+            [r[split]["accuracy"] for r in curve],
+            yerr=[r[split]["accuracy_ci95"] for r in curve],
+            marker=".",
+            capsize=2,
+            label=label,
+        )
+    for threshold in thresholds:
+        ax.axhline(threshold, color="grey", lw=0.5, ls=":")
+    name = {"val": "meta-validation", "test": "meta-test"}[split]
+    ax.set(xlabel="training wall time (min)", ylabel=f"{name} accuracy", ylim=(min(thresholds) - 0.05, 1.0))
+    ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

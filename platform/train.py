@@ -80,11 +80,17 @@ class StopRequest:
     """Ctrl-C or SIGTERM: finish the current iteration, checkpoint, exit. A second one kills at once."""
 
     def __init__(self):
-        self.signal = None
+        self.signal, self._previous = None, {}
         if threading.current_thread() is not threading.main_thread():
             return  # a Ray Tune trial runs train() in a thread: Tune stops it, not signals
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        """The handlers from before the run: train() may be one step of a longer program (a benchmark
+        that meta-tests afterwards), whose Ctrl-C must not be swallowed."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         self.signal = signal.Signals(signum).name
@@ -311,6 +317,7 @@ def train(
         sys.exit(1)
     finally:
         writer.close()
+        stop.restore()
     final = store.load(iteration)
     watch.on_end(status, {"location": where, "state": final})
     if failure:

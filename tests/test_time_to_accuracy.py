@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,8 +35,10 @@ def test_report_of_the_meta_test_curve():
 
 
 def test_harness_trains_resumes_and_reports(ray_cluster, tmp_path):
+    run, other, png = tmp_path / "run", tmp_path / "other", tmp_path / "curves.png"
+
     def harness(*args):
-        cmd = [sys.executable, "-m", "benchmarks.time_to_accuracy", *args, *TINY, f"checkpoint.dir={tmp_path}"]
+        cmd = [sys.executable, "-m", "benchmarks.time_to_accuracy", *args, *TINY, f"checkpoint.dir={run}"]
         result = subprocess.run(
             cmd, check=False, cwd=REPO, env=ray_cluster.subprocess_env(), capture_output=True, text=True
         )
@@ -50,11 +53,31 @@ def test_harness_trains_resumes_and_reports(ray_cluster, tmp_path):
     assert "90%:" in out and "95%:" in out
     assert harness("--report-only", "optim.iterations=4").strip().endswith(out.strip().splitlines()[-1])
     # Meta-test of every kept checkpoint (2 and 4) on held-out tasks, cached for the next report.
-    out = harness("--report-only", "--split", "test", "--tasks", "10", "optim.iterations=4")
+    out = harness("--report-only", "--split", "test", "--tasks", "10", "--query", "3", "optim.iterations=4")
     assert re.findall(r"^meta-tested iteration (\d+)", out, re.MULTILINE) == ["2", "4"]
     rows = re.findall(r"^\| (\d+) \| [\d.]+ \| ([\d.]+) ± ", out, re.MULTILINE)
     assert [int(i) for i, _ in rows] == [2, 4] and all(0 <= float(a) <= 1 for _, a in rows)
-    cached = json.loads((tmp_path / "meta-test.json").read_text())
-    assert set(cached) == {"2:10", "4:10"} and all(r["tasks"] == 10 for r in cached.values())
-    again = harness("--report-only", "--split", "test", "--tasks", "10", "optim.iterations=4")
+    cached = json.loads((run / "meta-test.json").read_text())
+    assert set(cached) == {"2:10:3", "4:10:3"} and all(r["tasks"] == 10 for r in cached.values())
+    again = harness("--report-only", "--split", "test", "--tasks", "10", "--query", "3", "optim.iterations=4")
     assert "meta-tested" not in again and again.strip().splitlines()[-1] == out.strip().splitlines()[-1]
+    # Another run's folder (here a copy, with its cache) is reported beside it, and both are drawn.
+    shutil.copytree(run, other)
+    both = harness("--report-only", "--split", "test", "--tasks", "10", "--query", "3", "optim.iterations=4",
+                   "--compare", str(other), "--plot", str(png))  # fmt: skip
+    assert "meta-tested" not in both and f"\n{run}:\n" in both and f"\n{other}:\n" in both
+    assert png.read_bytes().startswith(b"\x89PNG") and f"curves drawn in {png}" in both
+
+    # A folder without checkpoints, or a test setting the model cannot take, is a usage error
+    # named before anything trains.
+    def usage_error(*args):
+        cmd = [sys.executable, "-m", "benchmarks.time_to_accuracy", *args, *TINY, f"checkpoint.dir={tmp_path / 'new'}"]
+        result = subprocess.run(
+            cmd, check=False, cwd=REPO, env=ray_cluster.subprocess_env(), capture_output=True, text=True
+        )
+        assert result.returncode == 2, result.stdout + result.stderr
+        return result.stderr
+
+    assert f"{tmp_path / 'none'}: no checkpoint" in usage_error("--compare", str(tmp_path / "none"))
+    assert "--ways 20: a maml model's classifier head has 5 outputs" in usage_error("--split", "test", "--ways", "20")
+    assert not (tmp_path / "new").exists()
