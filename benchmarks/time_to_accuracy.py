@@ -64,10 +64,12 @@ def report(history: list[dict], split: str = "val") -> str:
     return "\n".join(lines)
 
 
-def meta_test(directory: str, history: list[dict], tasks: int, query: int, ways: int | None = None) -> list[dict]:
+def meta_test(
+    directory: str, history: list[dict], tasks: int, query: int, ways: int | None, trained_ways: int
+) -> list[dict]:
     """`history` with a `test` result at every checkpoint saved in `directory` (cached in meta-test.json),
-    on `ways`-way tasks (default: the run's) with `query` query images per class."""
-    setting = f"{tasks}:{query}" + (f":{ways}w" if ways else "")
+    on `ways`-way tasks (None: the run's own, `trained_ways`) with `query` query images per class."""
+    setting = f"{tasks}:{query}" + (f":{ways}w" if ways not in (None, trained_ways) else "")
     store = CheckpointStore(directory)
     cache = Path(directory) / "meta-test.json"
     results = json.loads(cache.read_text()) if cache.is_file() else {}
@@ -111,18 +113,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--query {args.query}: need at least 1 query image per class")
     config = load_config(args.config, [*DEFAULTS, *args.overrides, "checkpoint.resume=true"])
     # What cannot be meta-tested fails now, before training: a wrong folder, --ways for a model with a head.
-    others = [CheckpointStore(d).load()["history"] for d in args.compare]
+    others = [CheckpointStore(d).load() for d in args.compare]
     if args.split == "test":
         test_time_config(config, args.ways, None, args.query)
     if args.report_only:
         history = CheckpointStore(config.checkpoint.dir).load()["history"]
     else:
         history = train(config)["history"]
-    directories = [config.checkpoint.dir, *args.compare]
+    runs = [(config.checkpoint.dir, history, config.task.ways)]
+    runs += [(d, s["history"], s["config"]["task"]["ways"]) for d, s in zip(args.compare, others)]
     curves = {}
-    for directory, curve in zip(directories, [history, *others]):
+    for directory, curve, trained_ways in runs:
         if args.split == "test":
-            curve = meta_test(directory, curve, args.tasks, args.query, args.ways)
+            curve = meta_test(directory, curve, args.tasks, args.query, args.ways, trained_ways)
         curves[Path(directory).name] = curve
         print(f"\n{directory}:" if args.compare else "", report(curve, args.split), sep="\n")
     if args.plot:

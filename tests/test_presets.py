@@ -23,7 +23,6 @@ SMOKE = ["optim.iterations=2", "optim.meta_batch=2", "optim.chunk=1", "eval.ever
 SCRIPT = """
 import json, signal, sys
 from pathlib import Path
-from platform.checkpoint import CheckpointStore
 from platform.config import RunConfig, load_config
 from platform.evaluate import evaluate, test_time_config
 from platform.train import StopRequest, train
@@ -34,7 +33,7 @@ for preset in presets:
     state = train(config)
     handler = signal.getsignal(signal.SIGTERM)  # Ray's own after ray.init; never the run's any more
     assert not isinstance(getattr(handler, "__self__", None), StopRequest), "train() left its handler installed"
-    saved = RunConfig.model_validate(CheckpointStore(config.checkpoint.dir).load()["config"])
+    saved = RunConfig.model_validate(state["config"])  # the final checkpoint's, as evaluate reads it
     # ProtoNets are trained on 60-way episodes and tested on 5- and 20-way tasks (docs/results.md).
     settings = [(5, 15), (20, 15)] if saved.algorithm == "protonet" else [(None, None)]
     for ways, query in settings:

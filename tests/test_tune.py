@@ -151,8 +151,9 @@ def test_the_parent_run_records_the_best_trial_and_its_config_trains(asha_sweep,
 
 def test_pbt_exploits_a_better_trial_and_records_it(ray_cluster, mlflow_server, tmp_path):
     root = tmp_path / "pbt"
-    # Two trials run at once here: with quantile 0.5 the worse one exploits the better at a report.
-    out = finish(start_tune(ray_cluster, root, "--samples", "2", "--scheduler", "pbt", uri=mlflow_server.url), 900)
+    # Four trials, as before: with two, one run printed the exploit but no MLflow run had the tag
+    # (not understood yet; see the notes).
+    out = finish(start_tune(ray_cluster, root, "--samples", "4", "--scheduler", "pbt", uri=mlflow_server.url), 900)
     assert "restored trial" in out, out[-3000:]
     client = MlflowClient(mlflow_server.url)
     exploited = [r for r in children(client, parent_of(out)) if "pbt.last_exploit" in r.data.tags]
