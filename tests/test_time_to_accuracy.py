@@ -37,13 +37,14 @@ def test_report_of_the_meta_test_curve():
 def test_harness_trains_resumes_and_reports(ray_cluster, tmp_path):
     run, other, png = tmp_path / "run", tmp_path / "other", tmp_path / "curves.png"
 
-    def harness(*args):
-        cmd = [sys.executable, "-m", "benchmarks.time_to_accuracy", *args, *TINY, f"checkpoint.dir={run}"]
+    def harness(*args, checkpoint_dir=run, returncode=0):
+        """The harness's stdout when it exits 0, else its stderr."""
+        cmd = [sys.executable, "-m", "benchmarks.time_to_accuracy", *args, *TINY, f"checkpoint.dir={checkpoint_dir}"]
         result = subprocess.run(
             cmd, check=False, cwd=REPO, env=ray_cluster.subprocess_env(), capture_output=True, text=True
         )
-        assert result.returncode == 0, result.stdout + result.stderr
-        return result.stdout
+        assert result.returncode == returncode, result.stdout + result.stderr
+        return result.stdout if returncode == 0 else result.stderr
 
     harness("optim.iterations=2")
     out = harness("optim.iterations=4")  # continues from iteration 2
@@ -71,12 +72,7 @@ def test_harness_trains_resumes_and_reports(ray_cluster, tmp_path):
     # A folder without checkpoints, or a test setting the model cannot take, is a usage error
     # named before anything trains.
     def usage_error(*args):
-        cmd = [sys.executable, "-m", "benchmarks.time_to_accuracy", *args, *TINY, f"checkpoint.dir={tmp_path / 'new'}"]
-        result = subprocess.run(
-            cmd, check=False, cwd=REPO, env=ray_cluster.subprocess_env(), capture_output=True, text=True
-        )
-        assert result.returncode == 2, result.stdout + result.stderr
-        return result.stderr
+        return harness(*args, checkpoint_dir=tmp_path / "new", returncode=2)
 
     assert f"{tmp_path / 'none'}: no checkpoint" in usage_error("--compare", str(tmp_path / "none"))
     assert "--ways 20: a maml model's classifier head has 5 outputs" in usage_error("--split", "test", "--ways", "20")
