@@ -1,17 +1,19 @@
 """Meta-test a checkpoint: `python -m platform.evaluate --checkpoint LOCATION [--tasks 600] [--steps N]
-[--ways W] [--shots K] [--query Q]`.
+[--ways W] [--shots K] [--query Q] [--plot PNG]`.
 
 The standard protocol of the papers: adapt to each of `--tasks` held-out tasks from its support
 set and report the mean query accuracy (classification) or MSE (regression) with a 95% confidence
 interval. The test-time settings the papers vary (inner steps, shots, query size; ways for
-ProtoNets, whose model has no classifier head) default to the run's own. Runs in this process; no
-Ray cluster is needed.
+ProtoNets, whose model has no classifier head) default to the run's own. For regression, `--plot`
+draws the adaptation to one held-out task at those settings (the MAML paper's figure). Runs in this
+process; no Ray cluster is needed.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -64,6 +66,21 @@ def test_time_config(
     return tested, f"{t.ways}w{t.shots}s{t.query}q" if tested.classification else f"k{t.shots}q{t.query}"
 
 
+def check_plot_path(path: Path, config: RunConfig) -> None:
+    """--plot is checked before the evaluation, so a mistake costs no time."""
+    problems = []
+    if config.classification:
+        problems.append(
+            f"--plot {path}: the adaptation picture is for regression; this run classifies ({config.task.kind})"
+        )
+    if path.suffix.lower() != ".png":
+        problems.append(f"--plot {path}: must end in .png")
+    if not path.parent.is_dir():
+        problems.append(f"--plot {path}: folder {path.parent} does not exist")
+    if problems:
+        raise ConfigError(problems)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Meta-test a trained checkpoint on held-out tasks.")
     parser.add_argument("--checkpoint", required=True, help="checkpoint file, or folder / s3:// prefix (newest)")
@@ -76,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shots", type=int, help="support examples per class (default: the run's)")
     parser.add_argument("--query", type=int, help="query examples per class (default: the run's)")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log the result to MLflow")
+    parser.add_argument("--plot", type=Path, help="PNG of the adaptation to a held-out task (regression only)")
     args = parser.parse_args(argv)
     if args.tasks < 2:
         parser.error(f"--tasks {args.tasks}: need at least 2 tasks for a confidence interval")
@@ -85,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     config = RunConfig.model_validate(state["config"])
     steps = config.optim.test_inner_steps if args.steps is None else args.steps
     config, setting = test_time_config(config, args.ways, args.shots, args.query)
+    if args.plot is not None:
+        check_plot_path(args.plot, config)
     start = time.perf_counter()
     result = evaluate(config, state["params"], args.split, args.tasks, steps)
     t = config.task
@@ -95,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{format_eval(result, config.classification)} "
         f"(95% CI, {time.perf_counter() - start:.1f}s)"
     )
+    if args.plot is not None:
+        from platform.plots import sinusoid_adaptation
+
+        print(f"adaptation picture: {sinusoid_adaptation(config, state['params'], args.plot)}")
     if config.tracking.mlflow and not args.no_mlflow:
         from platform.tracking import log_evaluation, tracking_uri
 
