@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = f", {t.ways}-way {t.shots}-shot" if config.classification else f", K = {t.shots}"
     print(
         f"{config.algorithm} on {config.task.kind} ({args.split} split{shape}), iteration {state['iteration']}, "
-        f"{args.tasks} tasks{'' if config.algorithm == 'protonet' else f', {steps} inner steps'}: "
+        f"{args.tasks} tasks{'' if config.algorithm == 'protonet' else f', {steps} inner step' + 's' * (steps != 1)}: "
         f"{format_eval(result, config.classification)} "
         f"(95% CI, {time.perf_counter() - start:.1f}s)"
     )
