@@ -56,9 +56,10 @@ def test_omniglot_protonet_beats_chance_on_held_out_characters(ray_cluster, tmp_
     assert "test split" in out
     assert accuracy - ci > 0.6, out  # chance is 0.2
     # The adaptation picture is a regression figure: asked of this run, it is refused before evaluating.
-    refused = evaluate(ray_cluster, tmp_path, "--plot", str(tmp_path / "missing" / "a.png"))
+    refused = evaluate(ray_cluster, tmp_path, "--plot", str(tmp_path / "missing" / "a.jpg"))
     assert refused.returncode == 2 and refused.stdout == "" and "Traceback" not in refused.stderr
     assert refused.stderr.splitlines() == [
-        f"error: --plot {tmp_path}/missing/a.png: the adaptation picture is for regression; this run classifies (omniglot)",
-        f"error: --plot {tmp_path}/missing/a.png: folder {tmp_path}/missing does not exist",
+        f"error: --plot {tmp_path}/missing/a.jpg: the adaptation picture is for regression; this run classifies (omniglot)",
+        f"error: --plot {tmp_path}/missing/a.jpg: must end in .png",
+        f"error: --plot {tmp_path}/missing/a.jpg: folder {tmp_path}/missing does not exist",
     ]
