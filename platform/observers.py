@@ -3,7 +3,8 @@
 The training loop (platform.train) calls, in order:
 
     on_start(config, context, saved)   once; `context`: run facts (workers, device, Ray address,
-                                       resumed_from); `saved`: what state() returned when the
+                                       resumed_from, branched: continued from another run's
+                                       checkpoint); `saved`: what state() returned when the
                                        checkpoint being resumed from was written ({} otherwise)
     on_iteration(record)               after every meta-iteration (see below)
     on_validation(record)              after a meta-validation; record["val"] holds its summary

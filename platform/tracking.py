@@ -258,22 +258,34 @@ class Delivery:
             self.client.set_terminated(run_id, record["status"], record["end_time"])
 
     def _start_run(self, record: dict) -> None:
+        """Create the run, or find it again (a resumed run, a restarted Tune trial, a lost answer) and
+        mark it RUNNING; either way it gets the record's tags and whichever of its params it lacks
+        (a param's value cannot change in MLflow: PBT's new hyperparameters are in hparams/*)."""
+        from mlflow.entities import Param, RunTag
         from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 
-        if self.spool.run_id:  # a resumed run: it goes on, RUNNING again
-            self.client.update_run(self.spool.run_id, status="RUNNING")
-            return
-        experiment_id = get_or_create_experiment(self.client, record["experiment"], record.get("artifact_location"))
-        # Created before, by a call whose answer was lost? Then it carries our run key.
-        found = self.client.search_runs([experiment_id], f"tags.`{RUN_KEY_TAG}` = '{record['tags'][RUN_KEY_TAG]}'")
-        if found:
-            self.spool.set_run_id(found[0].info.run_id)
-            return
-        tags = dict(record["tags"])
-        if record.get("run_name"):
-            tags[MLFLOW_RUN_NAME] = record["run_name"]
-        run = self.client.create_run(experiment_id, start_time=record["start_time"], tags=tags)
-        self.spool.set_run_id(run.info.run_id)
+        if not self.spool.run_id:
+            experiment_id = get_or_create_experiment(self.client, record["experiment"], record.get("artifact_location"))
+            # Created before, by a call whose answer was lost? Then it carries our run key.
+            key = record["tags"][RUN_KEY_TAG]
+            found = self.client.search_runs([experiment_id], f"tags.`{RUN_KEY_TAG}` = '{key}'")
+            if found:
+                self.spool.set_run_id(found[0].info.run_id)
+            else:
+                tags = dict(record["tags"])
+                if record.get("run_name"):
+                    tags[MLFLOW_RUN_NAME] = record["run_name"]
+                run = self.client.create_run(experiment_id, start_time=record["start_time"], tags=tags)
+                self.spool.set_run_id(run.info.run_id)
+        run = self.client.get_run(self.spool.run_id)
+        if run.info.status != "RUNNING":
+            self.client.update_run(run.info.run_id, status="RUNNING")
+        tags = [RunTag(k, v) for k, v in record["tags"].items() if run.data.tags.get(k) != v]
+        if tags:
+            self.client.log_batch(run.info.run_id, tags=tags)
+        params = [Param(k, v) for k, v in record.get("params", {}).items() if k not in run.data.params]
+        for i in range(0, len(params), _MAX_PARAMS):
+            self.client.log_batch(run.info.run_id, params=params[i : i + _MAX_PARAMS])
 
     def _log_model(self, record: dict) -> None:
         """Upload the model saved in the spool (signature and input example included) into the run."""
@@ -323,10 +335,11 @@ class MlflowTracker(Observer):
         self.spool = Spool(folder if folder.is_dir() else spool_root(config) / self.run_key, self.uri)
         if saved.get("run_id") and not self.spool.run_id:
             self.spool.set_run_id(saved["run_id"])
-        continuing = bool(self.spool.records) or self.spool.run_id is not None
         self.delivery = Delivery(self.spool, self.uri, self.report)
-        # Steps already recorded are not sent again: one curve, no duplicate points.
-        self.skip_through = max(self.spool.last_step(), context.get("resumed_from") or 0) if continuing else 0
+        # Steps already recorded are not sent again: one curve, no duplicate points. A run continued
+        # from another run's checkpoint (a PBT exploit) is a new branch: all its steps are new.
+        resumed_from = context.get("resumed_from") or 0
+        self.skip_through = resumed_from if context.get("branched") else max(self.spool.last_step(), resumed_from)
         self.monitors = [CPUMonitor()]
         try:
             self.monitors.append(GPUMonitor())
@@ -348,23 +361,20 @@ class MlflowTracker(Observer):
         }
         if commit := git_commit():
             tags["mlflow.source.git.commit"] = commit
-        artifacts = artifact_location(self.uri)
+        # The start record creates the run, or marks a resumed one RUNNING and updates its tags.
         self.spool.append(
             {
-                "op": "start",  # of a resumed run whose id is known: only marks it RUNNING again
+                "op": "start",
                 "experiment": t.experiment,
                 "run_name": t.run_name,
                 "tags": tags,
+                "params": flatten_config(config.model_dump(mode="json")),
                 "start_time": _now_ms(),
-                "artifact_location": artifacts,
+                "artifact_location": artifact_location(self.uri),
             }
         )
-        if continuing:  # the start record only marks the run RUNNING again; tags may have changed
-            self.spool.append({"op": "batch", "tags": dict(t.tags)})
-        else:
-            self.spool.append({"op": "batch", "params": flatten_config(config.model_dump(mode="json"))})
-            (self.spool.files / "config.yaml").write_text(config.to_yaml())
-            self.spool.append({"op": "artifact", "file": "config.yaml", "artifact_path": None})
+        (self.spool.files / "config.yaml").write_text(config.to_yaml())
+        self.spool.append({"op": "artifact", "file": "config.yaml", "artifact_path": None})
         # The searched hyperparameters as metrics too, from where this start begins: under PBT they
         # change during a run, and the curve shows the schedule.
         o = config.optim

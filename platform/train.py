@@ -191,6 +191,8 @@ def train(
         if start is not None:
             set_outer_lr(optimizer, scheduler, config, iteration)
     run_key = run_key or uuid.uuid4().hex  # names this run across resumes (MLflow tag, Prometheus label)
+    # Continued from another run's checkpoint (PBT): its curve branches off that run's at resumed_from.
+    branched = state is not None and state.get("run_key") != run_key
 
     writer = CheckpointWriter(store, report=warn)
 
@@ -225,6 +227,7 @@ def train(
         context = {
             "run_key": run_key,
             "resumed_from": resumed_from,
+            "branched": branched,
             "workers": len(pool.live),
             "device": pool.infos[0]["device"],
             "ray_address": ray.get_runtime_context().gcs_address,

@@ -40,6 +40,15 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
+@pytest.fixture(autouse=True)
+def _no_leftover_drivers():
+    """A driver a test started and left running (the test failed before it ended) is killed."""
+    from driver_runs import kill_leftovers
+
+    yield
+    kill_leftovers()
+
+
 @pytest.fixture(scope="session")
 def omniglot_source() -> str:
     """The complete Omniglot set beside the project (`../shared/data/omniglot`) or $METAPLATFORM_OMNIGLOT."""

@@ -11,16 +11,31 @@ import torch
 
 from platform.checkpoint import CheckpointStore
 
+_started: list[subprocess.Popen] = []
+
+
+def start_command(args: list[str], env: dict, cwd=None) -> subprocess.Popen:
+    """`python -m <args>`; its output (stdout and stderr) is readable line by line. Killed by
+    `kill_leftovers` after the test if still running (a failed test must not leave a driver
+    holding the cluster's CPUs for the tests after it)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", *args], env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    _started.append(proc)
+    return proc
+
+
+def kill_leftovers() -> None:
+    while _started:
+        proc = _started.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
 
 def start_train(cluster, *args: str, env=None) -> subprocess.Popen:
-    """A driver on `cluster` (a LocalRayCluster); its output (stdout and stderr) is readable line by line."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "platform.train", *args],
-        env=cluster.subprocess_env(**(env or {})),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    """A driver on `cluster` (a LocalRayCluster)."""
+    return start_command(["platform.train", *args], cluster.subprocess_env(**(env or {})))
 
 
 def finish(proc: subprocess.Popen, timeout: float = 240, returncode: int = 0) -> str:

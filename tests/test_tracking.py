@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from driver_runs import assert_same_params, final_params, finish, read_until
+from driver_runs import assert_same_params, final_params, finish, read_until, start_command
 from mlflow import MlflowClient
 
 from platform.checkpoint import CheckpointStore
@@ -47,13 +47,8 @@ def track(cluster, location, *overrides, uri=None, env=None):
     environment = {k: v for k, v in cluster.subprocess_env(**(env or {})).items() if k != "MLFLOW_TRACKING_URI"}
     if uri:
         environment["MLFLOW_TRACKING_URI"] = uri
-    return subprocess.Popen(
-        [sys.executable, "-m", "platform.train", *BASE, f"checkpoint.dir={location}", *overrides],
-        env=environment,
-        cwd=location.parent,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    return start_command(
+        ["platform.train", *BASE, f"checkpoint.dir={location}", *overrides], environment, location.parent
     )
 
 

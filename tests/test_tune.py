@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from driver_runs import finish, read_until
+from driver_runs import finish, read_until, start_command
 from mlflow import MlflowClient
 
 from platform.checkpoint import CheckpointStore
@@ -34,14 +34,8 @@ BASE = [
 
 
 def start_tune(cluster, root: Path, *args: str, uri: str, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "platform.tune", *BASE, f"checkpoint.dir={root}", *args],
-        env=cluster.subprocess_env(MLFLOW_TRACKING_URI=uri, **(env or {})),
-        cwd=root.parent,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    environment = cluster.subprocess_env(MLFLOW_TRACKING_URI=uri, **(env or {}))
+    return start_command(["platform.tune", *BASE, f"checkpoint.dir={root}", *args], environment, root.parent)
 
 
 RAY_LOG_LINE = re.compile(r"(\x1b\[\d+m)?\(\w+ pid=\d+")
@@ -151,9 +145,7 @@ def test_the_parent_run_records_the_best_trial_and_its_config_trains(asha_sweep,
 
 def test_pbt_exploits_a_better_trial_and_records_it(ray_cluster, mlflow_server, tmp_path):
     root = tmp_path / "pbt"
-    # Four trials, as before: with two, one run printed the exploit but no MLflow run had the tag
-    # (not understood yet; see the issue's notes).
-    out = finish(start_tune(ray_cluster, root, "--samples", "4", "--scheduler", "pbt", uri=mlflow_server.url), 900)
+    out = finish(start_tune(ray_cluster, root, "--samples", "2", "--scheduler", "pbt", uri=mlflow_server.url), 900)
     assert "restored trial" in out, out[-3000:]
     client = MlflowClient(mlflow_server.url)
     exploited = [r for r in children(client, parent_of(out)) if "pbt.last_exploit" in r.data.tags]
@@ -161,11 +153,13 @@ def test_pbt_exploits_a_better_trial_and_records_it(ray_cluster, mlflow_server, 
     run = exploited[0]
     assert re.match(r"restored trial \w+'s checkpoint at iteration \d+; optim\.", run.data.tags["pbt.last_exploit"])
     # The hyperparameters' schedule is in the run: a value before and one after the exploit.
-    history = client.get_metric_history(run.info.run_id, "hparams/inner_lr")
-    assert len({m.step for m in history}) >= 2
-    # Its curve has no duplicate steps although it restarted from another trial's checkpoint.
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/mse")]
-    assert len(steps) == len(set(steps))
+    starts = client.get_metric_history(run.info.run_id, "hparams/inner_lr")  # one point per (re)start
+    assert len({m.step for m in starts}) >= 2
+    # After its last restore its curve goes on from the restored iteration, every step once, also
+    # when the donor's checkpoint was older than the trial's own last step (the curve branches there).
+    last = max(starts, key=lambda m: m.timestamp)
+    after = [m.step for m in client.get_metric_history(run.info.run_id, "val/mse") if m.timestamp >= last.timestamp]
+    assert sorted(after) == list(range(last.step + 10, ITERATIONS + 1, 10)), (last.step, after)
 
 
 def test_a_killed_sweep_resumes_without_rerunning_finished_trials(ray_cluster, mlflow_server, tmp_path):
