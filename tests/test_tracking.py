@@ -224,3 +224,33 @@ def test_metric_values_are_the_records(server_run, mlflow_server):
         m.step: m.value for m in MlflowClient(mlflow_server.url).get_metric_history(run.info.run_id, "train/loss")
     }
     assert all(np.isclose(logged[r["iteration"]], r["loss"]) for r in history if r["iteration"] in logged)
+
+
+def test_a_restart_whose_spool_was_delivered_updates_the_same_run(mlflow_server, tmp_path):
+    """A Tune trial restarted after its spool was delivered and removed (as under PBT): it finds its
+    run by the run key, sets the new tags on it, keeps the first params, and MLflow refuses nothing."""
+    from platform.config import load_config
+    from platform.tracking import MlflowTracker
+
+    said = []
+
+    def start(resumed_from, *overrides):
+        uri = f"tracking.uri={mlflow_server.url}"
+        config = load_config(
+            None, [*BASE, f"checkpoint.dir={tmp_path}", uri, "tracking.experiment=restarts", *overrides]
+        )
+        tracker = MlflowTracker(report=said.append)
+        tracker.on_start(config, {"run_key": "sweep-trial", "resumed_from": resumed_from}, {})
+        tracker.on_end("KILLED", None)
+        assert not tracker.spool.folder.exists()  # delivered, so removed
+
+    start(None, "optim.inner_lr=0.01")
+    start(20, "optim.inner_lr=0.02", "tracking.tags.exploit=restored")
+    assert said == []
+    client = MlflowClient(mlflow_server.url)
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("restarts").experiment_id], "tags.`metaplatform.run_key` = 'sweep-trial'"
+    )
+    assert run.data.tags["exploit"] == "restored" and run.data.params["optim.inner_lr"] == "0.01"
+    schedule = client.get_metric_history(run.info.run_id, "hparams/inner_lr")
+    assert sorted((m.step, m.value) for m in schedule) == [(0, 0.01), (20, 0.02)]
