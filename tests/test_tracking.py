@@ -226,31 +226,60 @@ def test_metric_values_are_the_records(server_run, mlflow_server):
     assert all(np.isclose(logged[r["iteration"]], r["loss"]) for r in history if r["iteration"] in logged)
 
 
-def test_a_restart_whose_spool_was_delivered_updates_the_same_run(mlflow_server, tmp_path):
-    """A Tune trial restarted after its spool was delivered and removed (as under PBT): it finds its
-    run by the run key, sets the new tags on it, keeps the first params, and MLflow refuses nothing."""
+def start_tracker(mlflow_server, location, context: dict, *overrides: str, said: list):
+    """An MlflowTracker started in this process (no training), tracking to the server."""
     from platform.config import load_config
     from platform.tracking import MlflowTracker
 
-    said = []
+    uri = f"tracking.uri={mlflow_server.url}"
+    config = load_config(None, [*BASE, f"checkpoint.dir={location}", uri, "tracking.experiment=restarts", *overrides])
+    tracker = MlflowTracker(report=said.append)
+    tracker.on_start(config, context, {})
+    return tracker
 
-    def start(resumed_from, *overrides):
-        uri = f"tracking.uri={mlflow_server.url}"
-        config = load_config(
-            None, [*BASE, f"checkpoint.dir={tmp_path}", uri, "tracking.experiment=restarts", *overrides]
+
+def run_with_key(mlflow_server, key: str):
+    client = MlflowClient(mlflow_server.url)
+    experiment = client.get_experiment_by_name("restarts").experiment_id
+    (run,) = client.search_runs([experiment], f"tags.`metaplatform.run_key` = '{key}'")
+    return client, run
+
+
+def test_a_restart_whose_spool_was_delivered_updates_the_same_run(mlflow_server, tmp_path):
+    """A Tune trial restarted after its spool was delivered and removed (as under PBT): it finds its
+    run by the run key, sets the new tags on it, keeps the first params, and MLflow refuses nothing."""
+    said = []
+    for resumed_from, overrides in (
+        (None, ["optim.inner_lr=0.01"]),
+        (20, ["optim.inner_lr=0.02", "tracking.tags.exploit=yes"]),
+    ):
+        tracker = start_tracker(
+            mlflow_server, tmp_path, {"run_key": "trial-1", "resumed_from": resumed_from}, *overrides, said=said
         )
-        tracker = MlflowTracker(report=said.append)
-        tracker.on_start(config, {"run_key": "sweep-trial", "resumed_from": resumed_from}, {})
         tracker.on_end("KILLED", None)
         assert not tracker.spool.folder.exists()  # delivered, so removed
-
-    start(None, "optim.inner_lr=0.01")
-    start(20, "optim.inner_lr=0.02", "tracking.tags.exploit=restored")
     assert said == []
-    client = MlflowClient(mlflow_server.url)
-    (run,) = client.search_runs(
-        [client.get_experiment_by_name("restarts").experiment_id], "tags.`metaplatform.run_key` = 'sweep-trial'"
-    )
-    assert run.data.tags["exploit"] == "restored" and run.data.params["optim.inner_lr"] == "0.01"
+    client, run = run_with_key(mlflow_server, "trial-1")
+    assert run.data.tags["exploit"] == "yes" and run.data.params["optim.inner_lr"] == "0.01"
     schedule = client.get_metric_history(run.info.run_id, "hparams/inner_lr")
     assert sorted((m.step, m.value) for m in schedule) == [(0, 0.01), (20, 0.02)]
+
+
+@pytest.mark.parametrize("branched", [False, True])
+def test_steps_sent_again_only_on_a_branch(mlflow_server, tmp_path, branched):
+    """A trial killed after sending steps 10-40 restarts from iteration 20: from its own checkpoint it
+    recomputes what it sent (30, 40 are not sent again); from another run's (a PBT exploit) its
+    curve branches at 20 and 30, 40 are new points."""
+    key, said = f"trial-{branched}", []
+    val = {"loss": 1.0, "loss_ci95": 0.1, "loss_before": 2.0}
+    for resumed_from, steps in ((None, [10, 20, 30, 40]), (20, [30, 40])):
+        context = {"run_key": key, "resumed_from": resumed_from, "branched": branched and resumed_from is not None}
+        tracker = start_tracker(mlflow_server, tmp_path, context, said=said)
+        for step in steps:
+            tracker.on_validation({"iteration": step, "val": val})
+        assert tracker.delivery.flush(30)
+        tracker.delivery.close()  # killed: no on_end, the spool stays
+    assert said == []
+    client, run = run_with_key(mlflow_server, key)
+    logged = [m.step for m in sorted(client.get_metric_history(run.info.run_id, "val/mse"), key=lambda m: m.timestamp)]
+    assert logged == ([10, 20, 30, 40, 30, 40] if branched else [10, 20, 30, 40])
