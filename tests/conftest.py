@@ -42,11 +42,13 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
 
 @pytest.fixture(autouse=True)
 def _no_leftover_drivers():
-    """A driver a test started and left running (the test failed before it ended) is killed."""
-    from driver_runs import kill_leftovers
+    """A driver a test started and left running (the test failed before it ended) is killed; those of
+    module fixtures (set up before this fixture) are left to them."""
+    from driver_runs import kill_leftovers, started
 
+    before = started()
     yield
-    kill_leftovers()
+    kill_leftovers(before)
 
 
 @pytest.fixture(scope="session")

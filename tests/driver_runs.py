@@ -25,8 +25,15 @@ def start_command(args: list[str], env: dict, cwd=None) -> subprocess.Popen:
     return proc
 
 
-def kill_leftovers() -> None:
-    while _started:
+def started() -> int:
+    """How many commands have been started so far (see `kill_leftovers`)."""
+    return len(_started)
+
+
+def kill_leftovers(since: int) -> None:
+    """Kill those started after the first `since` that still run (a module's fixture may keep earlier
+    ones running for its tests)."""
+    while len(_started) > since:
         proc = _started.pop()
         if proc.poll() is None:
             proc.kill()
