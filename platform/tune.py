@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from ray.tune import Callback
 
 from platform.cli import config_parser, first_line, run, warn
 from platform.config import ConfigError, RunConfig, field_annotation, is_key, load_config, with_values
@@ -250,6 +251,31 @@ def run_trial(hyperparameters: dict, base: dict, sweep: dict) -> None:
     train(config, observers, start=start, run_key=f"{sweep['key']}-{trial_id}")
 
 
+class TrialReports(Callback):
+    """Every result each trial reported, as the sweep's driver received it: the sweep's summary.
+
+    Tune's own records of a trial fall short under PBT: results on which the scheduler paused the
+    trial keep no checkpoint in its bookkeeping, and its per-trial result files are rewritten while
+    they sync when a trial restarts (CI once found both trials' unreadable). Tune saves this state
+    with the sweep's, so a resumed sweep has the results from before too.
+    """
+
+    def __init__(self, metric: str):
+        self.metric = metric
+        self.reports: dict[str, list[dict]] = {}
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if self.metric in result:
+            report = {"iteration": result["iteration"], "value": result[self.metric], "config": result["config"]}
+            self.reports.setdefault(trial.trial_id, []).append(report)
+
+    def get_state(self) -> dict:
+        return {"reports": self.reports}
+
+    def set_state(self, state: dict) -> None:
+        self.reports = state["reports"]
+
+
 def trial_resources(config: RunConfig):
     """One placement group per trial: bundle 0 for the trial's driver, one per adaptation actor."""
     from ray import tune
@@ -457,31 +483,40 @@ def _location(checkpoint) -> str:
     )
 
 
-def summarize(results, config: RunConfig) -> tuple[list[dict], dict | None]:
-    """One row per trial (its hyperparameters, best metric, iterations, early stop) and the best trial.
-
-    A trial's id comes from its folder: under PBT a trial's last result may be a copy of its donor's.
-    Diverged meta-validations (NaN) never count as best.
-    """
+def summarize(results, reports: TrialReports, config: RunConfig) -> tuple[list[dict], dict | None]:
+    """One row per trial (the hyperparameters of its best result, that result, iterations, early
+    stop) and the best trial. Diverged meta-validations (NaN) never count as best."""
     metric, mode = objective(config)
+    better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
     table, best = [], None
     for result in results:
-        row = {"trial": Path(result.path).name.removeprefix("trial_"), "config": result.config, "value": None,
-               "iteration": 0, "iterations": 0, "stopped": False, "error": result.error}  # fmt: skip
-        frame = result.metrics_dataframe
-        if frame is not None and metric in frame and frame[metric].notna().any():
-            at = frame[metric].idxmax() if mode == "max" else frame[metric].idxmin()
-            row |= {"value": float(frame[metric][at]), "iteration": int(frame["iteration"][at])}
-        if frame is not None and "iteration" in frame:
-            row["iterations"] = int(frame["iteration"].max())
+        trial = Path(result.path).name.removeprefix("trial_")
+        row = {"trial": trial, "config": result.config, "value": None, "iteration": 0, "iterations": 0,
+               "stopped": False, "error": result.error}  # fmt: skip
+        own = reports.reports.get(trial, [])
+        if own:
+            row["iterations"] = max(r["iteration"] for r in own)
             row["stopped"] = row["iterations"] < config.optim.iterations and result.error is None
+        for report in own:
+            if math.isfinite(report["value"]) and (row["value"] is None or better(report["value"], row["value"])):
+                row |= report
+        if row["value"] is not None and (best is None or better(row["value"], best["value"])):
+            best = row
         table.append(row)
-        if row["value"] is not None and (
-            best is None or (row["value"] > best["value"] if mode == "max" else row["value"] < best["value"])
-        ):
-            checkpoint = result.get_best_checkpoint(metric, mode)
-            best = row | {"metric_name": metric, "checkpoint": _location(checkpoint) if checkpoint else None}
+    if best is not None:
+        best = best | {"metric_name": metric, "checkpoint": best_checkpoint(results, best, metric)}
     return table, best
+
+
+def best_checkpoint(results, best: dict, metric: str) -> str | None:
+    """Tune's checkpoint of the best trial's best result (Tune keeps one for every result it did not
+    pause the trial on, and a PBT pause never falls on the sweep's best)."""
+    for result in results:
+        if Path(result.path).name == f"trial_{best['trial']}":
+            for checkpoint, metrics in result.best_checkpoints:
+                if metrics.get("iteration") == best["iteration"] and metrics.get(metric) == best["value"]:
+                    return _location(checkpoint)
+    return None
 
 
 def print_table(table: list[dict], space: dict, metric: str) -> None:
@@ -555,7 +590,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from platform.tracking import tracking_uri
     from platform.train import connect_ray
-    from platform.tune import run_trial  # by name, not __main__'s copy: trials unpickle it by reference
+
+    # By name, not __main__'s copies: both are pickled by reference (run_trial for the trials,
+    # TrialReports in the sweep's saved state).
+    from platform.tune import TrialReports, run_trial
 
     connect_ray(1 + config.resources.workers * config.resources.cpus_per_worker)
     storage_path, storage_fs = sweep.tune_storage()
@@ -568,6 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     # tracking URI this driver resolved (credentials must be in the cluster's environment).
     base = config.model_dump(mode="json")
     base["tracking"]["uri"] = tracking_uri(config)
+    reports = TrialReports(metric)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base, sweep=sweep.info | {"root": sweep.root}),
         trial_resources(config),
@@ -581,6 +620,9 @@ def main(argv: list[str] | None = None) -> int:
             resume_errored=True,
             storage_filesystem=storage_fs,
         )
+        # Tune runs the callbacks saved with the sweep, their state restored: not this driver's.
+        callbacks = tuner._local_tuner.get_run_config().callbacks or []
+        reports = next((c for c in callbacks if isinstance(c, TrialReports)), reports)
     else:
         tuner = tune.Tuner(
             trainable,
@@ -599,12 +641,13 @@ def main(argv: list[str] | None = None) -> int:
                 storage_path=storage_path,
                 storage_filesystem=storage_fs,
                 failure_config=tune.FailureConfig(max_failures=args.max_failures),
+                callbacks=[reports],
                 verbose=1,
             ),
         )
     results = tuner.fit()
 
-    table, best = summarize(results, config)
+    table, best = summarize(results, reports, config)
     print()
     print_table(table, space, metric)
     if best is not None:
@@ -626,7 +669,10 @@ def main(argv: list[str] | None = None) -> int:
     if errors:
         print(f"error: trials {', '.join(errors)} failed (logs in {experiment})", file=sys.stderr)
         return 1
-    return 0 if best is not None else 1
+    if best is None:
+        print(f"error: no trial reported a finite {metric} (logs in {experiment})", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
