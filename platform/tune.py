@@ -488,7 +488,7 @@ def summarize(results, reports: TrialReports, config: RunConfig) -> tuple[list[d
     stop) and the best trial. Diverged meta-validations (NaN) never count as best."""
     metric, mode = objective(config)
     better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
-    table, best = [], None
+    table, best, best_result = [], None, None
     for result in results:
         trial = Path(result.path).name.removeprefix("trial_")
         row = {"trial": trial, "config": result.config, "value": None, "iteration": 0, "iterations": 0,
@@ -501,21 +501,19 @@ def summarize(results, reports: TrialReports, config: RunConfig) -> tuple[list[d
             if math.isfinite(report["value"]) and (row["value"] is None or better(report["value"], row["value"])):
                 row |= report
         if row["value"] is not None and (best is None or better(row["value"], best["value"])):
-            best = row
+            best, best_result = row, result
         table.append(row)
     if best is not None:
-        best = best | {"metric_name": metric, "checkpoint": best_checkpoint(results, best, metric)}
+        best = best | {"metric_name": metric, "checkpoint": checkpoint_of(best_result, best, metric)}
     return table, best
 
 
-def best_checkpoint(results, best: dict, metric: str) -> str | None:
-    """Tune's checkpoint of the best trial's best result (Tune keeps one for every result it did not
-    pause the trial on, and a PBT pause never falls on the sweep's best)."""
-    for result in results:
-        if Path(result.path).name == f"trial_{best['trial']}":
-            for checkpoint, metrics in result.best_checkpoints:
-                if metrics.get("iteration") == best["iteration"] and metrics.get(metric) == best["value"]:
-                    return _location(checkpoint)
+def checkpoint_of(result, row: dict, metric: str) -> str | None:
+    """Tune's checkpoint of a trial's result (Tune keeps one for every result it did not pause the
+    trial on, and a PBT pause never falls on the sweep's best)."""
+    for checkpoint, metrics in result.best_checkpoints:
+        if metrics.get("iteration") == row["iteration"] and metrics.get(metric) == row["value"]:
+            return _location(checkpoint)
     return None
 
 

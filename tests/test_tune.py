@@ -19,6 +19,8 @@ from driver_runs import finish, read_until, start_command
 from mlflow import MlflowClient
 
 from platform.checkpoint import CheckpointStore
+from platform.config import load_config
+from platform.tune import TrialReports, summarize
 
 ITERATIONS = 40
 BASE = [
@@ -202,6 +204,52 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(ray_cluster, m
     assert len(rows) == 3 and all(r[-2] == str(ITERATIONS) for r in rows), out[-4000:]
     runs = children(MlflowClient(mlflow_server.url), info["parent_run_id"])
     assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}
+
+
+def test_the_closing_table_comes_from_every_result_the_driver_received(tmp_path):
+    """What PBT leaves in Tune's records, without a sweep: a trial's last result is its donor's copy,
+    and the result it was paused on has no checkpoint in Tune's bookkeeping."""
+    from ray.tune import Checkpoint, Result
+    from ray.tune.experiment import Trial
+
+    config = load_config(None, BASE)
+    reports = TrialReports("val_mse")
+    a, b = {"optim.inner_lr": 0.01}, {"optim.inner_lr": 0.02}
+    sent = {  # trial: [(iteration, val_mse, config)]
+        "t_a": [(10, 3.9, a), (20, 3.8, a), (40, 3.1, b)],  # paused at 20, exploited the other, went on
+        "t_b": [(10, 3.5, b), (20, float("nan"), b), (40, 3.3, b)],
+        "t_c": [(10, 4.0, a), (20, 3.95, a)],  # paused at 20, then the sweep ended
+        "t_d": [(10, float("nan"), a)],  # diverged
+    }
+    for trial_id, results in sent.items():
+        for iteration, value, hyperparameters in results:
+            result = {"iteration": iteration, "val_mse": value, "loss": 1.0, "config": hyperparameters}
+            reports.on_trial_result(0, [], Trial("run_trial", trial_id=trial_id, stub=True), result)
+    restored = TrialReports("val_mse")  # as a resumed sweep gets it back from Tune's saved state
+    restored.set_state(reports.get_state())
+
+    def result(trial_id: str, kept: list[int]) -> Result:
+        checkpoints = []
+        for iteration, value, hyperparameters in sent[trial_id]:
+            if iteration in kept:
+                folder = tmp_path / trial_id / f"checkpoint_{iteration}"
+                folder.mkdir(parents=True)
+                metrics = {"iteration": iteration, "val_mse": value, "config": hyperparameters}
+                checkpoints.append((Checkpoint.from_directory(str(folder)), metrics))
+        last = {"iteration": 40, "val_mse": 3.3, "config": {"optim.inner_lr": 0.03}}  # a donor's copy
+        return Result(last, None, None, str(tmp_path / f"trial_{trial_id}"), best_checkpoints=checkpoints)
+
+    results = [result("t_a", [10, 40]), result("t_b", [10, 20, 40]), result("t_c", [10]), result("t_d", [10])]
+    table, best = summarize(results, restored, config)
+    rows = {row["trial"]: row for row in table}
+    assert (rows["t_a"]["value"], rows["t_a"]["iteration"], rows["t_a"]["config"]) == (3.1, 40, b)
+    assert (rows["t_a"]["iterations"], rows["t_a"]["stopped"]) == (40, False)
+    assert (rows["t_b"]["value"], rows["t_b"]["iteration"]) == (3.3, 40)
+    assert (rows["t_c"]["value"], rows["t_c"]["config"], rows["t_c"]["iterations"]) == (3.95, a, 20)
+    assert rows["t_c"]["stopped"]
+    assert (rows["t_d"]["value"], rows["t_d"]["iterations"]) == (None, 10)
+    assert best["trial"] == "t_a" and best["checkpoint"] == str(tmp_path / "t_a" / "checkpoint_40")
+    assert summarize([results[3]], restored, config)[1] is None  # nothing finite: no best
 
 
 def test_bad_search_spaces_exit_2_naming_each_problem(tmp_path):
