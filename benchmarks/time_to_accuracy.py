@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 from platform.checkpoint import CheckpointStore
 from platform.cli import run
 from platform.config import RunConfig, load_config
 from platform.evaluate import evaluate, test_time_config
+from platform.files import atomic_write
 from platform.plots import accuracy_over_time
 from platform.train import train
 
@@ -79,9 +79,7 @@ def meta_test(
             state = store.load(iteration)
             saved, _ = test_time_config(RunConfig.model_validate(state["config"]), ways, None, query)
             results[key] = evaluate(saved, state["params"], "test", tasks, saved.optim.test_inner_steps)
-            tmp = cache.with_suffix(".tmp")
-            tmp.write_text(json.dumps(results))
-            os.replace(tmp, cache)  # never a half-written cache
+            atomic_write(cache, json.dumps(results))
             print(f"meta-tested iteration {iteration}: {results[key]['accuracy']:.4f}", flush=True)
     keys = {r["iteration"]: f"{r['iteration']}:{setting}" for r in history}
     return [r | {"test": results[keys[r["iteration"]]]} for r in history if keys[r["iteration"]] in results]

@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from pipelines.pipeline import DEFAULT_IMAGE, build_pipeline
+from platform.files import atomic_file
 
 
 def graph(spec: dict) -> str:
@@ -58,9 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--output {args.output}: folder {output.parent} does not exist")
     from kfp import compiler
 
-    tmp = output.with_name(f".{output.stem}.tmp{output.suffix}")
-    compiler.Compiler().compile(build_pipeline(args.image), str(tmp))
-    tmp.replace(output)  # never a half-written pipeline file
+    with atomic_file(output, "w", suffix=output.suffix) as f:  # never a half-written pipeline file
+        compiler.Compiler().compile(build_pipeline(args.image), f.name)
     if args.graph:
         Path(args.graph).write_text(graph(next(yaml.safe_load_all(output.read_text()))))
     print(f"wrote {output} (steps on {args.image}); upload it in the Kubeflow Pipelines UI or with kfp.Client")

@@ -12,13 +12,14 @@ import io
 import logging
 import os
 import re
-import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from platform.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -81,24 +82,7 @@ class _LocalFolder:
         with _raise_as_checkpoint_error(self.uri(name), "cannot write", OSError):
             for stale in self.root.glob(".ckpt-*.tmp"):  # left by a writer that crashed mid-write
                 stale.unlink(missing_ok=True)
-            # The temp name starts with '.', so readers never take it for a checkpoint; os.replace
-            # then swaps the complete, fsynced file in at once.
-            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{name}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.root / name)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-            # Persist the rename itself, or a power loss could still lose the new name.
-            folder = os.open(self.root, os.O_RDONLY)
-            try:
-                os.fsync(folder)
-            finally:
-                os.close(folder)
+            atomic_write(self.root / name, data)
 
     def delete(self, name: str) -> None:
         with _raise_as_checkpoint_error(self.uri(name), "cannot delete", OSError):

@@ -28,6 +28,8 @@ from urllib.parse import urlparse
 import numpy as np
 from PIL import Image
 
+from platform.files import atomic_file, atomic_write
+
 IMAGE_SIZE = 28
 OFFICIAL_OMNIGLOT_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
 # Published checksums of the official zips (the ones torchvision checks).
@@ -176,21 +178,15 @@ def _download(url: str, expected_md5: str | None) -> Path:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     # No lock: concurrent downloaders each write their own temp file and the last rename wins.
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{dest.name}-", dir=dest.parent)
-    try:
-        with open(fd, "w+b") as f:
-            (_get_s3 if url.startswith("s3://") else _get_http)(url, f)
-            f.seek(0)
-            actual = hashlib.file_digest(f, "md5").hexdigest()
+    with atomic_file(dest, "w+b") as f:
+        (_get_s3 if url.startswith("s3://") else _get_http)(url, f)
+        f.seek(0)
+        actual = hashlib.file_digest(f, "md5").hexdigest()
         if expected_md5 and actual != expected_md5:
             raise DataError(
                 f"{url}: md5 checksum mismatch (expected {expected_md5}, got {actual}); the download is "
                 "corrupt or the file changed upstream: try again, or set METAPLATFORM_OMNIGLOT to a local copy"
             )
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return dest
 
 
@@ -297,23 +293,14 @@ def _build_entry(entry: Path, classes: _Classes) -> None:
     index = {"preprocessing": _PREPROCESSING, "offsets": offsets, "names": [name for name, _ in classes]}
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=entry.parent))
     try:
-        with open(tmp / "images.npy", "wb") as f:
+        with atomic_file(tmp / "images.npy") as f:
             np.save(f, images)
-            _sync(f)
-        with open(tmp / "index.json", "w") as f:
-            json.dump(index, f)
-            _sync(f)
+        atomic_write(tmp / "index.json", json.dumps(index))
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
         os.rename(tmp, entry)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _sync(f) -> None:
-    """Puts a file's data on disk, so the rename that publishes it never exposes a torn file."""
-    f.flush()
-    os.fsync(f.fileno())
 
 
 def _preprocess(read: Callable[[], bytes], where: str) -> np.ndarray:

@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -37,6 +36,7 @@ import torch
 from platform.cli import first_line
 from platform.config import RunConfig
 from platform.data import cache_dir
+from platform.files import atomic_write
 from platform.observers import Observer
 
 RUN_KEY_TAG = "metaplatform.run_key"
@@ -126,10 +126,7 @@ class Spool:
         return path.read_text().strip() if path.exists() else None
 
     def _write(self, name: str, text: str) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{name}.")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, self.folder / name)
+        atomic_write(self.folder / name, text)
 
     def append(self, record: dict) -> None:
         with self._lock, open(self._path, "a") as f:
