@@ -26,8 +26,8 @@ from pathlib import Path
 from platform.checkpoint import CheckpointStore
 from platform.cli import run
 from platform.config import RunConfig, load_config
-from platform.evaluate import evaluate, test_time_config
 from platform.files import atomic_write
+from platform.metatest import meta_test, test_time_config
 from platform.plots import accuracy_over_time
 from platform.train import train
 
@@ -64,7 +64,7 @@ def report(history: list[dict], split: str = "val") -> str:
     return "\n".join(lines)
 
 
-def meta_test(
+def with_meta_test(
     directory: str, history: list[dict], tasks: int, query: int, ways: int | None, trained_ways: int
 ) -> list[dict]:
     """`history` with a `test` result at every checkpoint saved in `directory` (cached in meta-test.json),
@@ -78,7 +78,7 @@ def meta_test(
         if key not in results:
             state = store.load(iteration)
             saved, _ = test_time_config(RunConfig.model_validate(state["config"]), ways, None, query)
-            results[key] = evaluate(saved, state["params"], "test", tasks, saved.optim.test_inner_steps)
+            results[key] = meta_test(saved, state["params"], "test", tasks, saved.optim.test_inner_steps)
             atomic_write(cache, json.dumps(results))
             print(f"meta-tested iteration {iteration}: {results[key]['accuracy']:.4f}", flush=True)
     keys = {r["iteration"]: f"{r['iteration']}:{setting}" for r in history}
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     curves = {}
     for directory, curve, trained_ways in runs:
         if args.split == "test":
-            curve = meta_test(directory, curve, args.tasks, args.query, args.ways, trained_ways)
+            curve = with_meta_test(directory, curve, args.tasks, args.query, args.ways, trained_ways)
         curves[Path(directory).name] = curve
         print(f"\n{directory}:" if args.compare else "", report(curve, args.split), sep="\n")
     if args.plot:

@@ -33,7 +33,7 @@ from platform.engine import (
     chunked,
     flatten,
 )
-from platform.evaluate import format_eval, summarize
+from platform.metatest import format_eval, summarize
 from platform.observers import Observer, Observers
 from platform.tasks import evaluation_seeds, iteration_seeds
 

@@ -309,7 +309,7 @@ def test_train_help(tmp_path):
 
 
 def test_test_time_settings_of_evaluate():
-    from platform.evaluate import test_time_config
+    from platform.metatest import test_time_config
 
     base = load_config(None)  # sinusoid, K = 10, 10 query
     assert test_time_config(base, None, None, None) == (base, "")

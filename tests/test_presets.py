@@ -24,7 +24,7 @@ SCRIPT = """
 import json, signal, sys
 from pathlib import Path
 from platform.config import RunConfig, load_config
-from platform.evaluate import evaluate, test_time_config
+from platform.metatest import meta_test, test_time_config
 from platform.train import StopRequest, train
 
 root, smoke, presets = Path(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3:]
@@ -38,7 +38,7 @@ for preset in presets:
     settings = [(5, 15), (20, 15)] if saved.algorithm == "protonet" else [(None, None)]
     for ways, query in settings:
         tested, _ = test_time_config(saved, ways, None, query)
-        result = evaluate(tested, state["params"], "test", 2, tested.optim.test_inner_steps)
+        result = meta_test(tested, state["params"], "test", 2, tested.optim.test_inner_steps)
         print("PRESET", json.dumps({"preset": preset, "iteration": state["iteration"], "ways": tested.task.ways,
                                     "val": state["history"][-1].get("val"), "test": result}), flush=True)
 """
