@@ -32,7 +32,6 @@ import statistics
 import sys
 import time
 
-import numpy as np
 import ray
 import torch
 
@@ -49,9 +48,9 @@ from benchmarks.reference import (
 from platform.algorithms import build, vectorized
 from platform.cli import run
 from platform.config import RunConfig, load_config
-from platform.engine import WorkerPool, chunked, flatten
+from platform.driver import connect_ray, make_optimizer, meta_step
+from platform.engine import WorkerPool
 from platform.tasks import iteration_seeds, task_sampler
-from platform.train import apply_meta_gradient, connect_ray, make_optimizer
 
 
 class Reference:
@@ -87,27 +86,15 @@ class Platform:
         self.config = config
         _, _, initial = build(config)
         self.params = {k: torch.nn.Parameter(v) for k, v in initial.items()}
-        self.optimizer, self.scheduler = make_optimizer(config, list(self.params.values()))
-        self.size = len(flatten(self.params))
+        self.optimizer = make_optimizer(config, list(self.params.values()))
         self.pool = WorkerPool(config, log=lambda *a: print(*a, file=sys.stderr), actor_env=env)
         self.bytes_broadcast = self.bytes_returned = 0
 
     def step(self, iteration: int) -> dict:
-        """One meta-iteration; returns its timings (seconds) as platform.train measures them."""
-        o, size = self.config.optim, self.size
-        t0 = time.perf_counter()
-        flat = flatten(self.params)
-        flat_ref = ray.put(flat)
-        chunks = chunked(iteration_seeds(self.config.seed, iteration, o.meta_batch), o.chunk)
-        t1 = time.perf_counter()
-        shards = self.pool.map("outer_grads", chunks, flat_ref)
-        t2 = time.perf_counter()
-        apply_meta_gradient(self.params, np.concatenate(shards), self.config, self.optimizer, self.scheduler)
-        t3 = time.perf_counter()
-        actor_seconds = float(max(s[:, size + 3].sum() for s in shards))  # GRAD_METRICS "seconds"
-        self.bytes_broadcast = flat.nbytes * len(shards)  # one put, read by every actor
-        self.bytes_returned = sum(s.nbytes for s in shards)
-        return {"total": t3 - t0, "driver": (t1 - t0) + (t3 - t2) + max(0.0, (t2 - t1) - actor_seconds)}
+        """One meta-iteration of platform.train; returns its timings (seconds)."""
+        record = meta_step(self.config, self.params, self.optimizer, self.pool, iteration, 0.0)
+        self.bytes_broadcast, self.bytes_returned = record.bytes_out, record.bytes_back
+        return {"total": record.seconds, "driver": record.driver_seconds}
 
     def peak_rss(self) -> list[int | None]:
         """Peak resident set (VmHWM) of every actor process, read from /proc (None when not on this node)."""

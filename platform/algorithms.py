@@ -246,8 +246,10 @@ def build_algorithm(config: RunConfig, model: nn.Module, device: torch.device | 
 
 
 def build(config: RunConfig, device: torch.device | str = "cpu"):
-    """(model, algorithm for `device`, initial meta-parameters): the same in the driver and in every actor."""
-    torch.manual_seed(config.seed)
-    model = build_model(config)
+    """(model, algorithm for `device`, initial meta-parameters): the same in the driver and in every actor.
+    The initial parameters are drawn from `config.seed`; torch's global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = build_model(config)
     algorithm = build_algorithm(config, model, device)
     return model, algorithm, algorithm.init_params()

@@ -30,9 +30,9 @@ def warn(message: str) -> None:
 
 
 def first_line(error: BaseException) -> str:
-    """An error's first line for a one-line message (its type's name when it says nothing)."""
+    """An error as one line for a message: its type's name and the first line of what it says."""
     text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
 def run(main) -> None:

@@ -3,8 +3,8 @@
 Protocol (one round trip per actor per meta-iteration):
   driver -> actors  one `ray.put` of the flat float32 parameter buffer, shared by all actors,
                     plus each actor's shard: a list of chunks, each a list of task seeds;
-  actors -> driver  one float32 array with a row per chunk: the chunk's summed outer gradient
-                    followed by its metrics (loss sum, accuracy sum, task count, seconds).
+  actors -> driver  one `ChunkGradients`: a float32 row per chunk with the chunk's summed outer
+                    gradient, and per chunk its loss and accuracy sums, task count and seconds.
 The driver sums the rows in chunk order. Chunk boundaries are fixed by the config, not by the
 number of actors, so the result is bitwise the same for 1, 2 or 3 actors.
 """
@@ -12,9 +12,11 @@ number of actors, so the result is bitwise the same for 1, 2 or 3 actors.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,10 +34,10 @@ from ray.util.placement_group import (
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from platform.algorithms import Params, build
+from platform.cli import first_line
 from platform.config import RunConfig
 from platform.tasks import task_sampler
 
-GRAD_METRICS = ("loss", "accuracy", "tasks", "seconds")
 EVAL_METRICS = ("loss_before", "accuracy_before", "loss", "accuracy")
 # What a dead, lost or crashed actor looks like to the driver; anything else is a bug and propagates.
 WORKER_FAILURES = (RayActorError, ActorUnavailableError, WorkerCrashedError, OutOfMemoryError)
@@ -80,6 +82,39 @@ def chunked(seeds: list[int], size: int) -> list[list[int]]:
     return [seeds[i : i + size] for i in range(0, len(seeds), size)]
 
 
+@dataclass(frozen=True, eq=False)
+class ChunkGradients:
+    """What an actor returns for its shard of chunks, in chunk order: row i of `grads` is chunk i's
+    summed outer gradient (float32, flattened like `flatten`), and the other fields are chunk i's
+    sums of the task losses and accuracies, its task count and its compute seconds."""
+
+    grads: np.ndarray
+    loss: np.ndarray
+    accuracy: np.ndarray
+    tasks: np.ndarray
+    seconds: np.ndarray
+
+    @staticmethod
+    def concat(shards: list[ChunkGradients]) -> ChunkGradients:
+        """The shards' chunks as one, in shard order."""
+        return ChunkGradients(
+            *(np.concatenate([getattr(s, f.name) for s in shards]) for f in dataclasses.fields(ChunkGradients))
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return sum(getattr(self, f.name).nbytes for f in dataclasses.fields(self))
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """Where an adaptation actor runs."""
+
+    pid: int
+    node: str
+    device: str
+
+
 class AdaptationWorker:
     """Adapts shards of tasks. A plain class: Ray wraps it as an actor, tests may call it directly."""
 
@@ -101,20 +136,20 @@ class AdaptationWorker:
     def _params(self, flat: np.ndarray) -> Params:
         return {k: v.to(self.device) for k, v in unflatten(torch.tensor(flat), self.template).items()}
 
-    def info(self) -> dict:
-        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(), "device": str(self.device)}
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(os.getpid(), ray.get_runtime_context().get_node_id(), str(self.device))
 
-    def outer_grads(self, flat_params: np.ndarray, chunks: list[list[int]]) -> np.ndarray:
-        """One row per chunk: summed outer gradient, then GRAD_METRICS."""
-        params, rows = self._params(flat_params), []
-        sampler = self.samplers["train"]
+    def outer_grads(self, flat_params: np.ndarray, chunks: list[list[int]]) -> ChunkGradients:
+        """Each chunk's summed outer gradient and statistics."""
+        params, sampler = self._params(flat_params), self.samplers["train"]
+        grads, stats = [], []
         for seeds in chunks:
             start = time.perf_counter()
-            grads, metrics = self.algorithm.outer_grad(params, [sampler.sample(s).to(self.device) for s in seeds])
-            seconds = time.perf_counter() - start
-            tail = np.array([metrics["loss"], metrics["accuracy"], metrics["tasks"], seconds], dtype=np.float32)
-            rows.append(np.concatenate([flatten(grads), tail]))
-        return np.stack(rows)
+            chunk_grads, metrics = self.algorithm.outer_grad(params, [sampler.sample(s).to(self.device) for s in seeds])
+            grads.append(flatten(chunk_grads))
+            stats.append((metrics["loss"], metrics["accuracy"], metrics["tasks"], time.perf_counter() - start))
+        loss, accuracy, tasks, seconds = (np.array(column) for column in zip(*stats))
+        return ChunkGradients(np.stack(grads), loss, accuracy, tasks, seconds)
 
     def evaluate(self, flat_params: np.ndarray, split: str, steps: int, seeds: list[int]) -> np.ndarray:
         """One row of EVAL_METRICS per task (after `steps` inner steps on the support set)."""
@@ -150,7 +185,7 @@ class _Slot:
     actor: ActorHandle | None = None
     ready: ObjectRef | None = None
     started: float = 0.0
-    info: dict | None = None
+    info: WorkerInfo | None = None
     homeless: bool = False  # its bundle lost its node and has no new one yet (said once)
 
 
@@ -211,8 +246,8 @@ class WorkerPool:
         return [s for s in self.slots if s.info is not None]
 
     @property
-    def infos(self) -> list[dict]:
-        """pid, node and device of each live actor."""
+    def infos(self) -> list[WorkerInfo]:
+        """Where each live actor runs."""
         return [s.info for s in self.live]
 
     def _start(self, slot: _Slot) -> None:
@@ -229,7 +264,7 @@ class WorkerPool:
     def _fail(self, slot: _Slot, reason: str) -> None:
         """Count a failure, kill the actor and leave its slot vacant for `_refill`."""
         self.failures += 1
-        who = f"pid {slot.info['pid']}" if slot.info else "starting"
+        who = f"pid {slot.info.pid}" if slot.info else "starting"
         self.log(f"worker {slot.index} ({who}) failed: {reason}")
         if slot.actor is not None:
             ray.kill(slot.actor, no_restart=True)
@@ -251,13 +286,13 @@ class WorkerPool:
                 try:
                     info = ray.get(slot.ready)
                 except WORKER_FAILURES as e:
-                    self._fail(slot, f"could not start: {_first_line(e)}")
+                    self._fail(slot, f"could not start: {first_line(e)}")
                     continue
                 slot.info, slot.ready = info, None
                 if self._started_once:
                     self.restarts += 1
                     self.log(
-                        f"worker {slot.index} restarted (pid {info['pid']} on node {info['node'][:8]}); "
+                        f"worker {slot.index} restarted (pid {info.pid} on node {info.node[:8]}); "
                         f"{len(self.live)} of {len(self.slots)} workers"
                     )
                 slot.homeless = False
@@ -299,8 +334,9 @@ class WorkerPool:
             self._settle(finished)
         self._started_once = True
 
-    def map(self, method: str, items: list, *args) -> list[np.ndarray]:
-        """Call `actor.<method>(*args, shard)` for one shard of `items` per live actor; the results in item order."""
+    def map(self, fn: Callable[[ActorHandle, list], ObjectRef], items: list) -> list:
+        """`fn(actor, shard)` (which calls a method of the actor: `lambda a, s: a.evaluate.remote(s)`)
+        for one contiguous shard of `items` per live actor; the results in shard order."""
         r = self.config.resources
         self._settle([])
         self._refill()
@@ -310,7 +346,7 @@ class WorkerPool:
         bounds = np.linspace(0, len(items), n + 1).round().astype(int)
         shards = [items[bounds[k] : bounds[k + 1]] for k in range(n)]
         queue = deque(k for k in range(n) if shards[k])
-        results: list[np.ndarray | None] = [None] * n
+        results: list = [None] * n
         running: dict[ObjectRef, tuple[_Slot, int, float]] = {}  # call -> (slot, shard, deadline)
         while queue or running:
             busy = {slot for slot, _, _ in running.values()}
@@ -318,7 +354,7 @@ class WorkerPool:
                 if not queue:
                     break
                 k = queue.popleft()
-                call = getattr(slot.actor, method).remote(*args, shards[k])
+                call = fn(slot.actor, shards[k])
                 running[call] = (slot, k, time.monotonic() + r.worker_timeout_s)
             if not running:  # shards left and no live actor to take them
                 self._wait_for_workers(max(1, r.min_workers))
@@ -331,7 +367,7 @@ class WorkerPool:
                 try:
                     results[k] = ray.get(call)
                 except WORKER_FAILURES as e:
-                    self._fail(slot, _first_line(e))
+                    self._fail(slot, first_line(e))
                     queue.append(k)
             for call, (slot, k, deadline) in list(running.items()):
                 if time.monotonic() > deadline:
@@ -350,8 +386,3 @@ class WorkerPool:
                 ray.kill(slot.actor, no_restart=True)
         if self.own_group:  # a trial's group is Ray Tune's to remove
             remove_placement_group(self.group)
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error)
-    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"

@@ -23,14 +23,12 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
 
 from platform.config import ConfigError, RunConfig
+from platform.driver import PHASES, IterationRecord
 from platform.observers import Observer
 
 LABELS = ("run_id", "experiment", "algorithm")
 # Meta-iterations take from ~10 ms (sinusoid) to seconds (Omniglot, second order).
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-# No `<name>_created` series beside every counter and histogram: the text format would expose them as
-# gauges of their own, which no dashboard uses.
-disable_created_metrics()
 
 
 class PrometheusExporter(Observer):
@@ -41,6 +39,9 @@ class PrometheusExporter(Observer):
     name = "prometheus"
 
     def __init__(self, port: int):
+        # No `<name>_created` series beside every counter and histogram: the text format would expose
+        # them as gauges of their own, which no dashboard uses. (Process-wide, so set when used.)
+        disable_created_metrics()
         self.port = port
         self.registry = CollectorRegistry()
         r = self.registry
@@ -86,26 +87,26 @@ class PrometheusExporter(Observer):
             "algorithm": config.algorithm,
         }
 
-    def on_iteration(self, record: dict) -> None:
+    def on_iteration(self, record: IterationRecord) -> None:
         labels = self.labels
         self.iterations.labels(**labels).inc()
-        self.tasks.labels(**labels).inc(record["tasks"])
-        self.loss.labels(**labels).set(record["loss"])
+        self.tasks.labels(**labels).inc(record.tasks)
+        self.loss.labels(**labels).set(record.loss)
         if self.classification:
-            self.accuracy.labels(**labels).set(record["accuracy"])
-        self.duration.labels(**labels).observe(record["seconds"])
-        for phase, seconds in record["phases"].items():
-            self.phase.labels(**labels, phase=phase).inc(seconds)
-        self.bytes.labels(**labels).inc(record["gradient_bytes"])
-        workers = record["workers"]
-        self.alive.labels(**labels).set(workers["alive"])
+            self.accuracy.labels(**labels).set(record.accuracy)
+        self.duration.labels(**labels).observe(record.seconds)
+        for phase in PHASES:
+            self.phase.labels(**labels, phase=phase).inc(getattr(record, phase))
+        self.bytes.labels(**labels).inc(record.gradient_bytes)
+        self.alive.labels(**labels).set(record.workers_alive)
         # The pool counts since the run started; counters take the increase.
         for key, counter in (("failures", self.failures), ("restarts", self.restarts)):
-            counter.labels(**labels).inc(max(0, workers[key] - self._seen[key]))
-            self._seen[key] = workers[key]
+            count = getattr(record, f"worker_{key}")
+            counter.labels(**labels).inc(max(0, count - self._seen[key]))
+            self._seen[key] = count
 
-    def on_validation(self, record: dict) -> None:
+    def on_validation(self, record: IterationRecord) -> None:
         if self.classification:
-            self.val_accuracy.labels(**self.labels).set(record["val"]["accuracy"])
+            self.val_accuracy.labels(**self.labels).set(record.val["accuracy"])
         else:
-            self.val_mse.labels(**self.labels).set(record["val"]["loss"])
+            self.val_mse.labels(**self.labels).set(record.val["loss"])

@@ -6,8 +6,8 @@ The training loop (platform.train) calls, in order:
                                        resumed_from, branched: continued from another run's
                                        checkpoint); `saved`: what state() returned when the
                                        checkpoint being resumed from was written ({} otherwise)
-    on_iteration(record)               after every meta-iteration (see below)
-    on_validation(record)              after a meta-validation; record["val"] holds its summary
+    on_iteration(record)               after every meta-iteration: a platform.driver.IterationRecord
+    on_validation(record)              after a meta-validation; record.val holds its summary
     on_checkpoint(location, iteration, written)
                                        a checkpoint was queued; `written()` blocks until it is on
                                        storage and returns its location (or raises CheckpointError)
@@ -15,17 +15,24 @@ The training loop (platform.train) calls, in order:
                                        the final checkpoint's location and state (None if none)
 
 and `state()` each time it writes a checkpoint, so an observer resumes where it was (the MLflow
-run id, for instance). A record has: iteration, train_s (training wall time so far), loss,
-accuracy, seconds (this iteration), tasks, phases {actor_compute, transfer, outer_update} in
-seconds, gradient_bytes (parameters out plus gradient rows back), and workers {alive, failures,
-restarts}. Observers must not change the training: nothing they do reaches the parameters.
+run id, for instance). Observers must not change the training: nothing they do reaches the
+parameters. One may end it: raising StopTraining stops the run like a Ctrl-C (checkpointed,
+status KILLED), and train() then raises RunStopped.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from platform.config import RunConfig
+
+if TYPE_CHECKING:  # the driver imports the engine and Ray; observers need only the record's type
+    from platform.driver import IterationRecord
+
+
+class StopTraining(Exception):
+    """Raised by an observer (Ray Tune's reporter, when the scheduler stops the trial) to end the run."""
 
 
 class Observer:
@@ -36,10 +43,10 @@ class Observer:
     def on_start(self, config: RunConfig, context: dict, saved: dict) -> None:
         pass
 
-    def on_iteration(self, record: dict) -> None:
+    def on_iteration(self, record: IterationRecord) -> None:
         pass
 
-    def on_validation(self, record: dict) -> None:
+    def on_validation(self, record: IterationRecord) -> None:
         pass
 
     def on_checkpoint(self, location: str, iteration: int, written: Callable[[], str]) -> None:

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: the driver has no screen
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from matplotlib.figure import Figure  # not pyplot: files only, no backend or global figure state
 
 from platform.algorithms import build
 from platform.config import RunConfig
@@ -22,7 +19,8 @@ ADAPTATION_STEPS = (0, 1, 10)  # the MAML paper's figure: before adaptation, aft
 def learning_curves(history: list[dict], classification: bool, path: Path) -> Path:
     """Meta-training loss (and accuracy) per iteration, with meta-validation where it ran."""
     iterations = np.array([r["iteration"] for r in history])
-    fig, axes = plt.subplots(1, 2 if classification else 1, figsize=(11 if classification else 6, 4), squeeze=False)
+    fig = Figure(figsize=(11 if classification else 6, 4))
+    axes = fig.subplots(1, 2 if classification else 1, squeeze=False)
     loss = axes[0][0]
     loss.plot(iterations, [r["loss"] for r in history], lw=0.6, alpha=0.6, label="meta-train (query loss)")
     val = [r for r in history if "val" in r]
@@ -53,13 +51,13 @@ def learning_curves(history: list[dict], classification: bool, path: Path) -> Pa
     loss.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
 def accuracy_over_time(curves: dict[str, list[dict]], split: str, thresholds: tuple[float, ...], path: Path) -> Path:
     """Accuracy (with 95% CIs) against minutes of training, one line per run: time to accuracy."""
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig = Figure(figsize=(8, 5))
+    ax = fig.subplots()
     for label, curve in curves.items():
         ax.errorbar(
             [r["train_s"] / 60 for r in curve],
@@ -76,7 +74,6 @@ def accuracy_over_time(curves: dict[str, list[dict]], split: str, thresholds: tu
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
@@ -87,7 +84,8 @@ def sinusoid_adaptation(config: RunConfig, params: dict[str, torch.Tensor], path
     sampler = task_sampler(config.task, "test")
     task = sampler.sample(seed)
     x = torch.linspace(-5, 5, 200).unsqueeze(1)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     ax.plot(x, sampler.curve(seed, x.numpy()), color="black", lw=2, label="true function")
     for steps in ADAPTATION_STEPS:
         label = "before adaptation" if steps == 0 else f"after {steps} step{'s' * (steps > 1)}"
@@ -104,5 +102,4 @@ def sinusoid_adaptation(config: RunConfig, params: dict[str, torch.Tensor], path
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path

@@ -36,6 +36,7 @@ import torch
 from platform.cli import first_line
 from platform.config import RunConfig
 from platform.data import cache_dir
+from platform.driver import IterationRecord, window_rates
 from platform.files import atomic_write
 from platform.observers import Observer
 
@@ -379,35 +380,34 @@ class MlflowTracker(Observer):
         self._metrics(hyper, context.get("resumed_from") or 0, _now_ms(), notify=False)
         self.delivery.start()
 
-    def on_iteration(self, record: dict) -> None:
-        if record["iteration"] <= self.skip_through:
+    def on_iteration(self, record: IterationRecord) -> None:
+        if record.iteration <= self.skip_through:
             return
         self.window.append(record)
-        if record["iteration"] % self.config.tracking.log_every and record["iteration"] != self.config.optim.iterations:
+        if record.iteration % self.config.tracking.log_every and record.iteration != self.config.optim.iterations:
             return
-        seconds = sum(r["seconds"] for r in self.window)
-        step, ts = record["iteration"], _now_ms()
+        tasks_per_s, driver_share = window_rates(self.window)
         values = {
-            "train/loss": record["loss"],
-            "train/tasks_per_s": sum(r["tasks"] for r in self.window) / seconds,
-            "train/driver_share": sum(r["seconds"] - r["phases"]["actor_compute"] for r in self.window) / seconds,
-            "train/seconds": record["train_s"],
-            "workers/alive": record["workers"]["alive"],
-            "workers/failures": record["workers"]["failures"],
+            "train/loss": record.loss,
+            "train/tasks_per_s": tasks_per_s,
+            "train/driver_share": driver_share,
+            "train/seconds": record.train_s,
+            "workers/alive": record.workers_alive,
+            "workers/failures": record.worker_failures,
         }
         if self.config.classification:
-            values["train/accuracy"] = record["accuracy"]
+            values["train/accuracy"] = record.accuracy
         for monitor in self.monitors:
             monitor.collect_metrics()
             values |= {f"system/{k}": v for k, v in monitor.aggregate_metrics().items()}
             monitor.clear_metrics()
-        self._metrics(values, step, ts)
+        self._metrics(values, record.iteration, _now_ms())
         self.window = []
 
-    def on_validation(self, record: dict) -> None:
-        if record["iteration"] <= self.skip_through:
+    def on_validation(self, record: IterationRecord) -> None:
+        if record.iteration <= self.skip_through:
             return
-        val = record["val"]
+        val = record.val
         if self.config.classification:
             values = {"val/accuracy": val["accuracy"], "val/accuracy_ci95": val["accuracy_ci95"]}
             values["val/accuracy_before_adaptation"] = val["accuracy_before"]
@@ -417,7 +417,7 @@ class MlflowTracker(Observer):
                 "val/mse_ci95": val["loss_ci95"],
                 "val/mse_before_adaptation": val["loss_before"],
             }
-        self._metrics(values, record["iteration"], _now_ms())
+        self._metrics(values, record.iteration, _now_ms())
 
     def _metrics(self, values: dict[str, float], step: int, ts: int, notify: bool = True) -> None:
         metrics = [[k, float(v), ts, step] for k, v in values.items() if np.isfinite(v)]

@@ -7,73 +7,51 @@ in order, and applies the outer optimiser. Checkpoints hold everything needed to
 
 from __future__ import annotations
 
-import logging
-import math
-import os
 import signal
 import sys
 import threading
-import time
 import uuid
+from dataclasses import dataclass, field, replace
 
-import numpy as np
 import ray
 import torch
 from ray.exceptions import RayError, RayTaskError
 
 from platform.algorithms import build
 from platform.checkpoint import CheckpointError, CheckpointStore, CheckpointWriter
-from platform.cli import config_parser, run, warn
+from platform.cli import config_parser, first_line, run, warn
 from platform.config import ConfigError, RunConfig, load_config
-from platform.engine import (
-    GRAD_METRICS,
-    WorkerFailureError,
-    WorkerPool,
-    WorkerStartError,
-    chunked,
-    flatten,
-)
-from platform.metatest import format_eval, summarize
-from platform.observers import Observer, Observers
-from platform.tasks import evaluation_seeds, iteration_seeds
+from platform.driver import IterationRecord, connect_ray, make_optimizer, meta_step, meta_validate, window_rates
+from platform.engine import WorkerFailureError, WorkerPool, WorkerStartError
+from platform.metatest import format_eval
+from platform.observers import Observer, Observers, StopTraining
 
 INTERRUPTED = 130
 
 
-def connect_ray(cpus_needed: float) -> None:
-    """Join the cluster in RAY_ADDRESS (set by `ray job submit`), else start a private local instance
-    with at least `cpus_needed` logical CPUs (so the actors' reservations always fit)."""
-    if ray.is_initialized():
-        return
-    quiet = {"logging_level": logging.WARNING, "configure_logging": True}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(**quiet)
-    else:
-        ray.init(
-            address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed)), include_dashboard=False, **quiet
-        )
+class RunEnded(Exception):
+    """train() ended before `optim.iterations`; the message says why and how to go on."""
+
+    def __init__(self, message: str, iteration: int, checkpoint: str | None):
+        super().__init__(message)
+        self.iteration, self.checkpoint = iteration, checkpoint
+
+
+class RunFailed(RunEnded):
+    """The cluster, the workers or the checkpoint storage failed; resumable from `checkpoint` if any."""
+
+
+class RunInterrupted(RunEnded):
+    """Ctrl-C or SIGTERM: the current iteration was finished and checkpointed."""
+
+
+class RunStopped(RunEnded):
+    """An observer stopped the run (Ray Tune's scheduler); checkpointed, not a failure."""
 
 
 def duration(seconds: float) -> str:
     minutes, secs = divmod(round(seconds), 60)
     return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
-
-
-def make_optimizer(config: RunConfig, params: list[torch.Tensor]):
-    o = config.optim
-    if o.outer_optimizer == "adam":
-        optimizer = torch.optim.Adam(params, lr=o.outer_lr)
-    else:
-        optimizer = torch.optim.SGD(params, lr=o.outer_lr)
-    if o.schedule == "cosine":
-        return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=o.iterations)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-
-
-def meta_validate(pool: WorkerPool, config: RunConfig, flat_ref, split: str = "val") -> dict:
-    seeds = evaluation_seeds(config.eval.tasks)
-    rows = np.concatenate(pool.map("evaluate", seeds, flat_ref, split, config.optim.test_inner_steps))
-    return summarize(rows, config.classification)
 
 
 class StopRequest:
@@ -112,33 +90,9 @@ def resume_conflicts(saved: dict, config: RunConfig) -> list[str]:
     return conflicts
 
 
-def set_outer_lr(optimizer, scheduler, config: RunConfig, iteration: int) -> None:
-    """Make a restored optimizer follow `config`'s lambda from `iteration` on (PBT may have changed it)."""
-    o = config.optim
-    lr = o.outer_lr * (1 + math.cos(math.pi * iteration / o.iterations)) / 2 if o.schedule == "cosine" else o.outer_lr
-    scheduler.base_lrs = [o.outer_lr] * len(optimizer.param_groups)
-    for group in optimizer.param_groups:
-        group["lr"], group["initial_lr"] = lr, o.outer_lr
-
-
-def apply_meta_gradient(params: dict, rows: np.ndarray, config: RunConfig, optimizer, scheduler) -> None:
-    """Sum the chunk rows in chunk order, average over the meta-batch, clip, step."""
-    grad = torch.from_numpy(rows[:, : -len(GRAD_METRICS)].sum(axis=0) / config.optim.meta_batch)
-    start = 0
-    for p in params.values():
-        p.grad = grad[start : start + p.numel()].view_as(p).clone()
-        start += p.numel()
-    if config.optim.grad_clip:
-        torch.nn.utils.clip_grad_norm_(list(params.values()), config.optim.grad_clip)
-    optimizer.step()
-    scheduler.step()
-
-
-HISTORY_KEYS = ("iteration", "train_s", "loss", "accuracy", "tasks_per_s", "driver_share", "val")
-
-
 def default_observers(config: RunConfig) -> list[Observer]:
     """What watches a run per its `tracking` section: MLflow, Prometheus."""
+    # Imported here: MLflow and the Prometheus client are slow to import, and only tracked runs need them.
     from platform.metrics import PrometheusExporter
     from platform.tracking import MlflowTracker
 
@@ -150,27 +104,39 @@ def default_observers(config: RunConfig) -> list[Observer]:
     return observers
 
 
-def train(
-    config: RunConfig,
-    observers: list[Observer] | None = None,
-    *,
-    start: dict | None = None,
-    run_key: str | None = None,
-) -> dict:
-    """Meta-train per `config`, watched by `observers` (default: per `config.tracking`); returns the
-    final checkpoint state.
+@dataclass
+class Progress:
+    """What a checkpoint holds of a run, besides its config: enough to continue it exactly."""
 
-    `start` is a checkpoint state to continue from instead of `--resume`'s: Ray Tune restoring a
-    trial, under PBT from another trial's checkpoint, so the hyperparameters are this config's.
-    `run_key` names the run for the observers (default: the resumed checkpoint's, else a new one).
-    """
-    o = config.optim
-    watch = Observers(default_observers(config) if observers is None else observers)
-    store = CheckpointStore(config.checkpoint.dir, keep=config.checkpoint.keep)
+    params: dict[str, torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    run_key: str
+    iteration: int = 0
+    history: list[dict] = field(default_factory=list)
+    resumed_from: int | None = None
+    branched: bool = False  # continued from another run's checkpoint (PBT): its curve branches there
+    observers: dict = field(default_factory=dict)  # what the observers saved in that checkpoint
+
+    def state(self, config: RunConfig, observers: dict) -> dict:
+        return {
+            "iteration": self.iteration,
+            "params": {k: v.detach().clone() for k, v in self.params.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "config": config.model_dump(mode="json"),
+            "history": self.history,
+            "run_key": self.run_key,
+            "observers": observers,
+            # No RNG state: every random draw is a function of (seed, iteration), see tasks.py.
+        }
+
+
+def initial_progress(config: RunConfig, store: CheckpointStore, start: dict | None, run_key: str | None) -> Progress:
+    """A new run, or the one in `start` (a Tune trial's restore), or per `checkpoint.resume` the newest
+    intact checkpoint in `store`."""
     _, _, initial = build(config)
     params = {k: torch.nn.Parameter(v) for k, v in initial.items()}
-    optimizer, scheduler = make_optimizer(config, list(params.values()))
-    iteration, history, saved, resumed_from, state = 0, [], {}, None, start
+    optimizer = make_optimizer(config, list(params.values()))
+    state, saved = start, {}
     if start is None and config.checkpoint.resume:
         if store.latest() is None:
             print(f"no checkpoint in {config.checkpoint.dir}: starting from iteration 0")
@@ -181,164 +147,161 @@ def train(
                 raise ConfigError([f"--resume from {store.location}: {c}" for c in conflicts])
             run_key, saved = run_key or state.get("run_key"), state.get("observers", {})
             print(f"resumed from {config.checkpoint.dir} at iteration {state['iteration']}")
+    run_key = run_key or uuid.uuid4().hex  # names this run across resumes (MLflow tag, Prometheus label)
+    progress = Progress(params, optimizer, run_key, observers=saved)
     if state is not None:
         with torch.no_grad():
             for k, v in state["params"].items():
                 params[k].copy_(v)
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        iteration, history, resumed_from = state["iteration"], state["history"], state["iteration"]
-        if start is not None:
-            set_outer_lr(optimizer, scheduler, config, iteration)
-    run_key = run_key or uuid.uuid4().hex  # names this run across resumes (MLflow tag, Prometheus label)
-    # Continued from another run's checkpoint (PBT): its curve branches off that run's at resumed_from.
-    branched = state is not None and state.get("run_key") != run_key
+        progress.iteration = progress.resumed_from = state["iteration"]
+        progress.history = state["history"]
+        progress.branched = state.get("run_key") != run_key
+    return progress
 
+
+def history_entry(record: IterationRecord, window: list[IterationRecord] | None) -> dict:
+    """What the checkpoint's history keeps of an iteration; the rates over `window` at a log line."""
+    entry = {"iteration": record.iteration, "train_s": record.train_s, "loss": record.loss, "accuracy": record.accuracy}
+    if window:
+        entry["tasks_per_s"], entry["driver_share"] = window_rates(window)
+    if record.val is not None:
+        entry["val"] = record.val
+    return entry
+
+
+def progress_line(config: RunConfig, record: IterationRecord, window: list[IterationRecord]) -> str:
+    rate, driver = window_rates(window)
+    eta = (config.optim.iterations - record.iteration) * config.optim.meta_batch / rate
+    acc = f"  acc {record.accuracy:.3f}" if config.classification else ""
+    return (
+        f"iter {record.iteration:>6}/{config.optim.iterations}  loss {record.loss:.4f}{acc}  {rate:7.1f} tasks/s"
+        f"  driver {driver:5.1%}  eta {duration(eta)}"
+    )
+
+
+def train_loop(config: RunConfig, progress: Progress, pool: WorkerPool, watch: Observers, checkpoint, stop) -> None:
+    """Meta-iterations until `optim.iterations` or a stop: step, observe, validate, checkpoint."""
+    o, window = config.optim, []
+    train_s = progress.history[-1]["train_s"] if progress.history else 0.0
+    while progress.iteration < o.iterations and not stop.signal:
+        record = meta_step(config, progress.params, progress.optimizer, pool, progress.iteration, train_s)
+        progress.iteration, train_s = record.iteration, record.train_s
+        window.append(record)
+        last = record.iteration == o.iterations
+        logged = record.iteration % config.log_every == 0 or last
+        if logged:
+            print(progress_line(config, record, window), flush=True)
+        watch.on_iteration(record)
+        if config.eval.every and (record.iteration % config.eval.every == 0 or last):
+            val = meta_validate(pool, config, progress.params)
+            print(f"meta-validation at {record.iteration}: {format_eval(val, config.classification)}", flush=True)
+            record = replace(record, val=val)
+            watch.on_validation(record)
+        progress.history.append(history_entry(record, window if logged else None))
+        if logged:
+            window = []
+        if record.iteration % config.checkpoint.every == 0 and not last:
+            checkpoint()
+
+
+def train(
+    config: RunConfig,
+    observers: list[Observer] | None = None,
+    *,
+    start: dict | None = None,
+    run_key: str | None = None,
+) -> dict:
+    """Meta-train per `config`, watched by `observers` (default: per `config.tracking`); returns the
+    final checkpoint state. Raises RunFailed, RunInterrupted or RunStopped when the run ends early
+    (after checkpointing what it did).
+
+    `start` is a checkpoint state to continue from instead of `--resume`'s: Ray Tune restoring a
+    trial, under PBT from another trial's checkpoint, so the hyperparameters are this config's.
+    `run_key` names the run for the observers (default: the resumed checkpoint's, else a new one).
+    """
+    watch = Observers(default_observers(config) if observers is None else observers)
+    store = CheckpointStore(config.checkpoint.dir, keep=config.checkpoint.keep)
+    progress = initial_progress(config, store, start, run_key)
     writer = CheckpointWriter(store, report=warn)
 
     def checkpoint(final: bool = False) -> str:
         """Queue a checkpoint of the current state; a final one is waited for (bounded)."""
-        state = {
-            "iteration": iteration,
-            "params": {k: v.detach().clone() for k, v in params.items()},
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "config": config.model_dump(mode="json"),
-            "history": history,
-            "run_key": run_key,
-            "observers": watch.state(),
-            # No RNG state: every random draw is a function of (seed, iteration), see tasks.py.
-        }
-        where = writer.submit(state, iteration)
+        where = writer.submit(progress.state(config, watch.state()), progress.iteration)
+        wait = lambda: writer.flush(config.checkpoint.write_timeout_s)
         if final:
-            writer.flush(config.checkpoint.write_timeout_s)
-        watch.on_checkpoint(where, iteration, lambda: writer.flush(config.checkpoint.write_timeout_s))
+            wait()
+        watch.on_checkpoint(where, progress.iteration, wait)
         return where
 
     connect_ray(config.resources.workers * config.resources.cpus_per_worker)
     stop = StopRequest()
-    pool, failure, tune_stop = None, None, None
+    pool, failure, stopped = None, None, None
     try:
         pool = WorkerPool(config)
         print(
             f"{len(pool.live)} workers: "
-            + ", ".join(f"pid {i['pid']} ({i['device']} on node {i['node'][:8]})" for i in pool.infos)
+            + ", ".join(f"pid {i.pid} ({i.device} on node {i.node[:8]})" for i in pool.infos)
         )
         context = {
-            "run_key": run_key,
-            "resumed_from": resumed_from,
-            "branched": branched,
+            "run_key": progress.run_key,
+            "resumed_from": progress.resumed_from,
+            "branched": progress.branched,
             "workers": len(pool.live),
-            "device": pool.infos[0]["device"],
+            "device": pool.infos[0].device,
             "ray_address": ray.get_runtime_context().gcs_address,
         }
-        watch.on_start(config, context, saved)
-        window_start, window_tasks, window_driver = time.perf_counter(), 0, 0.0
-        # Training wall time so far, without meta-validation: what time-to-accuracy is measured in.
-        train_seconds = history[-1]["train_s"] if history else 0.0
-        while iteration < o.iterations and not stop.signal:
-            t0 = time.perf_counter()
-            flat = flatten(params)
-            flat_ref = ray.put(flat)
-            chunks = chunked(iteration_seeds(config.seed, iteration, o.meta_batch), o.chunk)
-            t1 = time.perf_counter()
-            shards = pool.map("outer_grads", chunks, flat_ref)
-            t2 = time.perf_counter()
-            rows = np.concatenate(shards)
-            apply_meta_gradient(params, rows, config, optimizer, scheduler)
-            iteration += 1
-            t3 = time.perf_counter()
-
-            # Driver time: everything but the slowest actor's compute (dispatch, transfer, reduce, step).
-            metrics = dict(zip(GRAD_METRICS, rows[:, -len(GRAD_METRICS) :].sum(axis=0).tolist()))
-            actor_seconds = min(t2 - t1, max(shard[:, -1].sum() for shard in shards))  # GRAD_METRICS ends with seconds
-            window_tasks += o.meta_batch
-            window_driver += (t3 - t0) - actor_seconds
-            train_seconds += t3 - t0
-            record = {
-                "iteration": iteration,
-                "train_s": train_seconds,
-                "loss": metrics["loss"] / metrics["tasks"],
-                "accuracy": metrics["accuracy"] / metrics["tasks"],
-                "seconds": t3 - t0,
-                "tasks": o.meta_batch,
-                "phases": {
-                    "actor_compute": actor_seconds,
-                    "transfer": (t2 - t0) - actor_seconds,
-                    "outer_update": t3 - t2,
-                },
-                "gradient_bytes": rows.nbytes + flat.nbytes * len(shards),
-                "workers": {"alive": len(pool.live), "failures": pool.failures, "restarts": pool.restarts},
-            }
-            if iteration % config.log_every == 0 or iteration == o.iterations:
-                elapsed = time.perf_counter() - window_start
-                rate = window_tasks / elapsed
-                eta = (o.iterations - iteration) * o.meta_batch / rate
-                acc = f"  acc {record['accuracy']:.3f}" if config.classification else ""
-                print(
-                    f"iter {iteration:>6}/{o.iterations}  loss {record['loss']:.4f}{acc}  {rate:7.1f} tasks/s"
-                    f"  driver {window_driver / elapsed:5.1%}  eta {duration(eta)}",
-                    flush=True,
-                )
-                record |= {"tasks_per_s": rate, "driver_share": window_driver / elapsed}
-                window_start, window_tasks, window_driver = time.perf_counter(), 0, 0.0
-            watch.on_iteration(record)
-            if config.eval.every and (iteration % config.eval.every == 0 or iteration == o.iterations):
-                eval_start = time.perf_counter()
-                record["val"] = meta_validate(pool, config, ray.put(flatten(params)))
-                print(
-                    f"meta-validation at {iteration}: {format_eval(record['val'], config.classification)}", flush=True
-                )
-                watch.on_validation(record)
-                window_start += time.perf_counter() - eval_start  # keep tasks/s about training
-            history.append({k: record[k] for k in HISTORY_KEYS if k in record})
-            if iteration % config.checkpoint.every == 0 and iteration < o.iterations:
-                checkpoint()
+        watch.on_start(config, context, progress.observers)
+        train_loop(config, progress, pool, watch, checkpoint, stop)
     except (WorkerStartError, WorkerFailureError) as e:
         failure = str(e)
     except RayError as e:
         if isinstance(e, RayTaskError):  # our own code failed inside an actor: a bug, shown in full
             checkpoint_after_a_bug(checkpoint, watch)
             raise
-        failure = f"the Ray cluster failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    except SystemExit as e:
-        # Ray Tune stops a trial by raising SystemExit from tune.report (platform.tune): a stop like
-        # Ctrl-C, so the progress is checkpointed and the observers hear of it.
-        tune_stop = e
+        failure = f"the Ray cluster failed: {first_line(e)}"
+    except StopTraining as e:  # Ray Tune's scheduler: a stop like Ctrl-C, checkpointed and observed
+        stopped = e
     except BaseException:
         checkpoint_after_a_bug(checkpoint, watch)
         raise
     finally:
         if pool is not None:
             pool.shutdown()
-    status = "FAILED" if failure else "KILLED" if stop.signal or tune_stop else "FINISHED"
+    return finish(config, progress, store, writer, watch, checkpoint, stop, failure, stopped, pool)
+
+
+def finish(config, progress, store, writer, watch, checkpoint, stop, failure, stopped, pool) -> dict:
+    """The final checkpoint and the observers' end; the final state, or the RunEnded saying why not."""
+    status = "FAILED" if failure else "KILLED" if stop.signal or stopped else "FINISHED"
+    iteration = progress.iteration
     try:
         where = checkpoint(final=True)
     except CheckpointError as e:
         watch.on_end("FAILED", None)
-        print(f"error: the final checkpoint could not be written: {e}", file=sys.stderr)
-        sys.exit(1)
+        raise RunFailed(f"the final checkpoint could not be written: {e}", iteration, None) from None
     finally:
         writer.close()
         stop.restore()
     final = store.load(iteration)
     watch.on_end(status, {"location": where, "state": final})
     if failure:
-        print(
-            f"error: {failure}\nstopped after iteration {iteration}; checkpoint {where}; resume with --resume",
-            file=sys.stderr,
+        raise RunFailed(
+            f"{failure}\nstopped after iteration {iteration}; checkpoint {where}; resume with --resume",
+            iteration,
+            where,
         )
-        sys.exit(1)
-    if tune_stop is not None:
-        print(f"stopped by Ray Tune's scheduler after iteration {iteration}; checkpoint {where}", flush=True)
-        raise tune_stop
+    if stopped is not None:
+        raise RunStopped(
+            f"stopped by Ray Tune's scheduler after iteration {iteration}; checkpoint {where}", iteration, where
+        )
     if stop.signal:
-        print(
+        raise RunInterrupted(
             f"{stop.signal}: stopped after iteration {iteration}; checkpoint {where}\n"
             f"resume with the same command plus --resume (or checkpoint.resume=true)",
-            file=sys.stderr,
+            iteration,
+            where,
         )
-        sys.exit(INTERRUPTED)
     print(
         f"done: {iteration} iterations, {pool.failures} worker failures, {pool.restarts} restarts; "
         f"final checkpoint {where}"
@@ -363,7 +326,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)  # overrides may come before and after options
     config = load_config(args.config, args.overrides + (["checkpoint.resume=true"] if args.resume else []))
     print("resolved config:\n" + config.to_yaml(), flush=True)
-    train(config)
+    try:
+        train(config)
+    except RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except RunInterrupted as e:
+        print(e, file=sys.stderr)
+        return INTERRUPTED
     return 0
 
 

@@ -37,7 +37,9 @@ from ray.tune import Callback
 
 from platform.cli import config_parser, first_line, run, warn
 from platform.config import ConfigError, RunConfig, field_annotation, is_key, load_config, with_values
-from platform.observers import Observer
+from platform.driver import IterationRecord
+from platform.observers import Observer, StopTraining
+from platform.train import RunStopped, train
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "lograndint", "choice")
 # Sensible first searches (docs/tuning.md): around the MAML paper's values.
@@ -171,13 +173,9 @@ class TuneReporter(Observer):
         self.trial = trial  # id, name and hyperparameters, stored with each checkpoint (PBT's donors)
         self.pending: tuple[int, dict] | None = None
 
-    def on_validation(self, record: dict) -> None:
-        val = record["val"]
-        value = val["accuracy"] if self.metric == "val_accuracy" else val["loss"]
-        self.pending = (
-            record["iteration"],
-            {"iteration": record["iteration"], self.metric: value, "loss": record["loss"]},
-        )
+    def on_validation(self, record: IterationRecord) -> None:
+        value = record.val["accuracy"] if self.metric == "val_accuracy" else record.val["loss"]
+        self.pending = (record.iteration, {"iteration": record.iteration, self.metric: value, "loss": record.loss})
 
     def on_checkpoint(self, location: str, iteration: int, written) -> None:
         if self.pending is not None and self.pending[0] == iteration < self.iterations:
@@ -187,7 +185,7 @@ class TuneReporter(Observer):
         if self.pending is not None and final is not None and self.pending[0] == final["state"]["iteration"]:
             try:
                 self._report(Path(final["location"]))
-            except SystemExit:
+            except StopTraining:
                 pass  # after the last result it is only Tune saying the trial is done: so it is
 
     def _report(self, path: Path) -> None:
@@ -198,8 +196,11 @@ class TuneReporter(Observer):
             for file in (path, path.with_name(path.name + ".sha256")):
                 shutil.copy2(file, folder)
             Path(folder, "trial.json").write_text(json.dumps(self.trial | {"iteration": iteration}))
-            # Blocks until Tune has taken the result; raises SystemExit when the scheduler stops the trial.
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+            # Blocks until Tune has taken the result; raises SystemExit(0) when the scheduler stops the trial.
+            try:
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+            except SystemExit as e:
+                raise StopTraining(f"Ray Tune's scheduler stopped the trial at iteration {iteration}") from e
 
 
 def run_trial(hyperparameters: dict, base: dict, sweep: dict) -> None:
@@ -209,7 +210,6 @@ def run_trial(hyperparameters: dict, base: dict, sweep: dict) -> None:
     from platform.checkpoint import CheckpointStore
     from platform.data import cache_dir
     from platform.tracking import MlflowTracker
-    from platform.train import train
 
     context = tune.get_context()
     trial_id = context.get_trial_id()
@@ -248,7 +248,10 @@ def run_trial(hyperparameters: dict, base: dict, sweep: dict) -> None:
     observers: list[Observer] = [MlflowTracker(report=warn)] if config.tracking.mlflow else []
     observers.append(TuneReporter(config, trial))
     # One run key per trial: a restarted or exploiting trial continues its own MLflow run.
-    train(config, observers, start=start, run_key=f"{sweep['key']}-{trial_id}")
+    try:
+        train(config, observers, start=start, run_key=f"{sweep['key']}-{trial_id}")
+    except RunStopped as e:  # returning ends the trial's thread as Tune's own stop would
+        print(e, flush=True)
 
 
 class TrialReports(Callback):
@@ -586,8 +589,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from ray import tune
 
+    from platform.driver import connect_ray
     from platform.tracking import tracking_uri
-    from platform.train import connect_ray
 
     # By name, not __main__'s copies: both are pickled by reference (run_trial for the trials,
     # TrialReports in the sweep's saved state).

@@ -283,10 +283,9 @@ def test_reptile_driver_average(monkeypatch):
         torch.set_num_threads(threads)  # the worker pins its process to cpus_per_worker threads
     _, _, initial = build(config)
     seeds = [11, 12, 13]
-    rows = worker.outer_grads(engine.flatten(initial), engine.chunked(seeds, config.optim.chunk))
-    assert rows.shape[0] == 2
-    size = len(engine.flatten(initial))
-    average = engine.unflatten(rows[:, :size].sum(axis=0) / config.optim.meta_batch, initial)
+    result = worker.outer_grads(engine.flatten(initial), engine.chunked(seeds, config.optim.chunk))
+    assert result.grads.shape[0] == 2 and result.tasks.tolist() == [2, 1]
+    average = engine.unflatten(result.grads.sum(axis=0) / config.optim.meta_batch, initial)
 
     sampler = task_sampler(config.task, "train")
     diffs = [reptile_difference(initial, sampler.sample(s), 0.02, 2) for s in seeds]

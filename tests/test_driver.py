@@ -1,72 +1,73 @@
-"""The driver's pieces that need no cluster: the meta-update and the resume guard."""
+"""The driver's pieces that need no cluster: the meta-update, the outer learning rate and the resume guard."""
+
+import math
 
 import numpy as np
 import torch
 
 from platform.config import load_config
-from platform.engine import GRAD_METRICS, chunked
-from platform.train import apply_meta_gradient, make_optimizer, resume_conflicts, set_outer_lr
-
-
-def rows_for(grads: list[np.ndarray]) -> np.ndarray:
-    tail = np.zeros((len(grads), len(GRAD_METRICS)), dtype=np.float32)
-    return np.concatenate([np.stack(grads), tail], axis=1)
+from platform.driver import IterationRecord, apply_meta_gradient, make_optimizer, outer_lr, window_rates
+from platform.engine import chunked
+from platform.train import resume_conflicts
 
 
 def setup(*overrides):
     config = load_config(None, ["optim.meta_batch=4", "optim.chunk=2", "resources.workers=1", *overrides])
     params = {"a": torch.nn.Parameter(torch.zeros(2)), "b": torch.nn.Parameter(torch.zeros(1, 1))}
-    optimizer, scheduler = make_optimizer(config, list(params.values()))
-    return config, params, optimizer, scheduler
+    return config, params, make_optimizer(config, list(params.values()))
 
 
 def test_sgd_step_uses_the_mean_over_the_meta_batch():
-    config, params, optimizer, scheduler = setup("optim.outer_optimizer=sgd", "optim.outer_lr=0.5")
-    rows = rows_for([np.array([1, 2, 3], np.float32), np.array([3, 2, 1], np.float32)])  # two chunk sums
-    apply_meta_gradient(params, rows, config, optimizer, scheduler)
+    config, params, optimizer = setup("optim.outer_optimizer=sgd", "optim.outer_lr=0.5")
+    grads = np.array([[1, 2, 3], [3, 2, 1]], np.float32)  # two chunk sums
+    apply_meta_gradient(params, grads, optimizer, config, 0)
     assert torch.allclose(params["a"].detach(), -0.5 * torch.tensor([1.0, 1.0]))  # (1+3)/4, (2+2)/4
     assert torch.allclose(params["b"].detach(), -0.5 * torch.tensor([[1.0]]))
 
 
 def test_gradient_clipping_bounds_the_global_norm():
-    config, params, optimizer, scheduler = setup("optim.outer_optimizer=sgd", "optim.outer_lr=1", "optim.grad_clip=1")
-    apply_meta_gradient(params, rows_for([np.array([40, 0, 30], np.float32)]), config, optimizer, scheduler)
+    config, params, optimizer = setup("optim.outer_optimizer=sgd", "optim.outer_lr=1", "optim.grad_clip=1")
+    apply_meta_gradient(params, np.array([[40, 0, 30]], np.float32), optimizer, config, 0)
     step = torch.cat([params["a"].detach().reshape(-1), params["b"].detach().reshape(-1)])
     assert torch.allclose(step.norm(), torch.tensor(1.0)) and torch.allclose(step, -torch.tensor([0.8, 0, 0.6]))
 
 
-def test_cosine_schedule_decays_to_zero_over_the_run():
-    config, params, optimizer, scheduler = setup("optim.schedule=cosine", "optim.iterations=10")
-    for _ in range(10):
-        apply_meta_gradient(params, rows_for([np.ones(3, np.float32)]), config, optimizer, scheduler)
-    assert optimizer.param_groups[0]["lr"] < 1e-9
+def test_cosine_outer_lr_is_torchs_cosine_annealing():
+    """The closed form, per iteration, against torch's own (recursive) CosineAnnealingLR."""
+    config, _, optimizer = setup("optim.schedule=cosine", "optim.iterations=10", "optim.outer_lr=0.3")
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=10)
+    for iteration in range(10):
+        assert math.isclose(outer_lr(config.optim, iteration), optimizer.param_groups[0]["lr"], rel_tol=1e-9)
+        optimizer.step()
+        scheduler.step()
+    assert outer_lr(config.optim, 10) == 0 and outer_lr(config.optim, 12) == 0  # never back up past the end
+    constant, _, _ = setup("optim.outer_lr=0.3")
+    assert {outer_lr(constant.optim, i) for i in (0, 5, 10**6)} == {0.3}
 
 
-def test_a_restored_optimizer_follows_a_new_outer_lr():
-    """PBT restores a trial with a perturbed lambda: the restored schedule continues from the new one."""
+def test_the_outer_lr_follows_the_config_not_the_restored_optimizer():
+    """PBT restores a trial with a perturbed λ, a resumed run may change optim.iterations: the step
+    after the restore uses the new config's rate at that iteration."""
     for schedule in ("constant", "cosine"):
-        config, params, optimizer, scheduler = setup(f"optim.schedule={schedule}", "optim.iterations=10")
-        for _ in range(4):
-            apply_meta_gradient(params, rows_for([np.ones(3, np.float32)]), config, optimizer, scheduler)
-        saved = optimizer.state_dict(), scheduler.state_dict()
-        new, params2, optimizer2, scheduler2 = setup(
-            f"optim.schedule={schedule}", "optim.iterations=10", "optim.outer_lr=0.01"
-        )
-        optimizer2.load_state_dict(saved[0])
-        scheduler2.load_state_dict(saved[1])
-        set_outer_lr(optimizer2, scheduler2, new, 4)
-        # A run of 10 iterations with lambda 0.01 from the start has, at iteration 4 and 5:
-        reference, p3, optimizer3, scheduler3 = setup(
-            f"optim.schedule={schedule}", "optim.iterations=10", "optim.outer_lr=0.01"
-        )
-        for step in (4, 5):
-            while scheduler3.last_epoch < step:
-                apply_meta_gradient(p3, rows_for([np.ones(3, np.float32)]), reference, optimizer3, scheduler3)
-            assert np.isclose(optimizer2.param_groups[0]["lr"], optimizer3.param_groups[0]["lr"], rtol=1e-9), (
-                schedule,
-                step,
-            )
-            apply_meta_gradient(params2, rows_for([np.ones(3, np.float32)]), new, optimizer2, scheduler2)
+        config, params, optimizer = setup(f"optim.schedule={schedule}", "optim.iterations=10")
+        for iteration in range(4):
+            apply_meta_gradient(params, np.ones((1, 3), np.float32), optimizer, config, iteration)
+        saved = optimizer.state_dict()
+        new, params2, optimizer2 = setup(f"optim.schedule={schedule}", "optim.iterations=20", "optim.outer_lr=0.01")
+        optimizer2.load_state_dict(saved)
+        apply_meta_gradient(params2, np.ones((1, 3), np.float32), optimizer2, new, 4)
+        assert optimizer2.param_groups[0]["lr"] == outer_lr(new.optim, 4), schedule
+        if schedule == "cosine":
+            assert outer_lr(new.optim, 4) > outer_lr(config.optim, 4)  # the longer horizon decays later
+
+
+def test_rates_over_a_window_are_sums_not_means_of_ratios():
+    def record(seconds, actor, tasks):
+        fields = dict.fromkeys(IterationRecord.__dataclass_fields__, 0)
+        return IterationRecord(**(fields | {"seconds": seconds, "actor_compute": actor, "tasks": tasks, "val": None}))
+
+    rate, share = window_rates([record(1.0, 0.5, 10), record(3.0, 3.0, 10)])
+    assert rate == 20 / 4 and share == 0.5 / 4
 
 
 def test_chunks_are_fixed_by_the_config_not_the_workers():
