@@ -9,6 +9,13 @@ Every algorithm offers the same three operations, which is all the engine calls:
 Nothing here knows about Ray, tracking or the outer optimiser: the driver averages the sums and
 applies the meta-update. `params` maps names to tensors; the model object is only a function
 (`torch.func.functional_call`), so no module is ever cloned per task.
+
+`bn_stats` says how query predictions are normalised (models.py): "batch", by the query batch's own
+statistics (the papers' transductive protocol), or "support", by the support set's, so that a
+query's prediction does not depend on the other queries. The support set is always processed on
+its own (its batch statistics are the support statistics). For "adapt once, predict many" (the
+learner API, platform/learner.py) both kinds offer `adapt_to(params, support_x, support_y, steps)`
+and `query_outputs(adapted, support_x, query_x)`: the same computation as `evaluate`.
 """
 
 from __future__ import annotations
@@ -28,6 +35,13 @@ Params = dict[str, torch.Tensor]
 Metrics = dict[str, float]
 
 INNER_LR = "inner_lr."  # Meta-SGD: prefix of the learned per-parameter inner learning rates
+PROTOTYPES = "prototypes"  # ProtoNets: adapt_to's class means, kept beside the parameters
+BN_STATS = ("batch", "support")
+
+
+def _stats(rows: int | None) -> dict:
+    """functional_call's kwargs: normalise by the first `rows` rows (None: by the whole batch, as before)."""
+    return {} if rows is None else {"stats_rows": rows}
 
 
 def _sub(params: Params, prefix: str) -> Params:
@@ -80,6 +94,7 @@ class GradientMetaLearner:
     head_only: bool = False
     learn_inner_lr: bool = False
     vectorized: bool = False
+    bn_stats: str = "batch"
 
     def init_params(self) -> Params:
         params = {k: v.detach().clone() for k, v in self.model.named_parameters()}
@@ -90,13 +105,36 @@ class GradientMetaLearner:
     def _adapted(self, params: Params) -> list[str]:
         return [k for k in params if not k.startswith(INNER_LR) and (not self.head_only or k.startswith("head."))]
 
-    def _encode(self, params: Params, x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.model.body, _sub(params, "body."), (x,)) if self.head_only else x
+    def _encode(self, params: Params, x: torch.Tensor, stats_rows: int | None = None) -> torch.Tensor:
+        if not self.head_only:
+            return x
+        return functional_call(self.model.body, _sub(params, "body."), (x,), _stats(stats_rows))
 
-    def _predict(self, params: Params, z: torch.Tensor) -> torch.Tensor:
-        if self.head_only:
+    def _predict(self, params: Params, z: torch.Tensor, stats_rows: int | None = None) -> torch.Tensor:
+        if self.head_only:  # the head normalises nothing
             return functional_call(self.model.head, _sub(params, "head."), (z,))
-        return functional_call(self.model, {k: v for k, v in params.items() if not k.startswith(INNER_LR)}, (z,))
+        weights = {k: v for k, v in params.items() if not k.startswith(INNER_LR)}
+        return functional_call(self.model, weights, (z,), _stats(stats_rows))
+
+    def _support_normalised(self, params: Params, support_x: torch.Tensor, query_x: torch.Tensor) -> torch.Tensor:
+        """Outputs at query_x normalised by the support set's statistics: [support; query] through the
+        network with statistics from the support rows, query rows kept."""
+        n, x = len(support_x), torch.cat([support_x, query_x])
+        if self.head_only:
+            return self._predict(params, self._encode(params, x, n)[n:])
+        return self._predict(params, x, n)[n:]
+
+    def query_outputs(self, adapted: Params, support_x: torch.Tensor, query_x: torch.Tensor) -> torch.Tensor:
+        """Outputs at query_x of parameters adapted to support_x (adapt_to), normalised per bn_stats."""
+        if self.bn_stats == "support":
+            return self._support_normalised(adapted, support_x, query_x)
+        return self._predict(adapted, self._encode(adapted, query_x))
+
+    def adapt_to(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, steps: int) -> Params:
+        """The parameters after `steps` inner steps on a support set, detached: adapt once, predict many."""
+        params = _leaves(params)
+        fast = self.adapt(params, self._encode(params, support_x), support_y, steps, create_graph=False)
+        return {k: v.detach() for k, v in fast.items()}
 
     def adapt(self, params: Params, z: torch.Tensor, y: torch.Tensor, steps: int, create_graph: bool) -> Params:
         """`steps` of gradient descent on (z, y); differentiable through the steps when `create_graph`."""
@@ -113,9 +151,13 @@ class GradientMetaLearner:
         return params | {k: params[k] - lr[k] * g for k, g in grads.items()}
 
     def query_loss(self, params: Params, task: Task, steps: int, create_graph: bool):
-        zs, zq = self._encode(params, task.support_x), self._encode(params, task.query_x)
+        zs = self._encode(params, task.support_x)
+        zq = self._encode(params, task.query_x) if self.bn_stats == "batch" else None
         fast = self.adapt(params, zs, task.support_y, steps, create_graph)
-        return _score(self._predict(fast, zq), task.query_y, self.classification)
+        outputs = (
+            self._support_normalised(fast, task.support_x, task.query_x) if zq is None else self._predict(fast, zq)
+        )
+        return _score(outputs, task.query_y, self.classification)
 
     def outer_grad(self, params: Params, tasks: list[Task]) -> tuple[Params, Metrics]:
         if self.vectorized:
@@ -130,14 +172,16 @@ class GradientMetaLearner:
 
     def _functional_query_loss(self, params: Params, support_x, support_y, query_x, query_y):
         """query_loss for one task written with torch.func transforms, so that vmap can batch it."""
-        zs, zq = self._encode(params, support_x), self._encode(params, query_x)
+        zs = self._encode(params, support_x)
+        zq = self._encode(params, query_x) if self.bn_stats == "batch" else None
         names, fast = self._adapted(params), params
         for _ in range(self.inner_steps):
             grads = torch.func.grad(self._support_loss)({k: fast[k] for k in names}, fast, zs, support_y)
             if self.first_order:  # detached at the outer level: no gradient through the inner step
                 grads = {k: g.detach() for k, g in grads.items()}
             fast = self._descend(fast, grads)
-        loss, acc = _score(self._predict(fast, zq), query_y, self.classification)
+        outputs = self._support_normalised(fast, support_x, query_x) if zq is None else self._predict(fast, zq)
+        loss, acc = _score(outputs, query_y, self.classification)
         return loss, (loss, acc)
 
     def _support_loss(self, adapted: Params, params: Params, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -155,12 +199,17 @@ class GradientMetaLearner:
         """Predictions at `x` after `steps` inner steps on the task's support set."""
         params = _leaves(params)
         fast = self.adapt(params, self._encode(params, task.support_x), task.support_y, steps, create_graph=False)
+        if self.bn_stats == "support":
+            return self._support_normalised(fast, task.support_x, x).detach()
         return self._predict(fast, self._encode(params, x)).detach()
 
     def evaluate(self, params: Params, task: Task, steps: int) -> Metrics:
         params = _leaves(params)  # the inner loop needs gradients; nothing flows back out
-        zq = self._encode(params, task.query_x)
-        before = _score(self._predict(params, zq), task.query_y, self.classification)
+        if self.bn_stats == "support":
+            unadapted = self._support_normalised(params, task.support_x, task.query_x)
+        else:
+            unadapted = self._predict(params, self._encode(params, task.query_x))
+        before = _score(unadapted, task.query_y, self.classification)
         after = self.query_loss(params, task, steps, create_graph=False)
         return {
             "loss_before": before[0].item(),
@@ -175,7 +224,8 @@ class Reptile(GradientMetaLearner):
     """Reptile: the outer 'gradient' of a task is theta - theta_adapted (Nichol et al. 2018).
 
     The inner loop trains on all of a training task's examples (support and query together) and
-    never builds a graph. Evaluation is the same as MAML's: adapt on support, score on query.
+    never builds a graph: it predicts no query, so `bn_stats` changes its evaluation only.
+    Evaluation is the same as MAML's: adapt on support, score on query.
     """
 
     def outer_grad(self, params: Params, tasks: list[Task]) -> tuple[Params, Metrics]:
@@ -195,18 +245,43 @@ class PrototypicalNetwork:
     """Prototypical Networks (Snell et al. 2017): logits are negative squared distances to class means."""
 
     model: nn.Module
+    bn_stats: str = "batch"
 
     def init_params(self) -> Params:
         return {k: v.detach().clone() for k, v in self.model.named_parameters()}
 
-    def logits(self, params: Params, task: Task) -> torch.Tensor:
-        embed = lambda x: functional_call(self.model, params, (x,))
-        support, query = embed(task.support_x), embed(task.query_x)
-        ways = int(task.support_y.max()) + 1
-        counts = torch.bincount(task.support_y, minlength=ways).unsqueeze(1).to(support.dtype)
+    def _embed_queries(self, params: Params, support_x: torch.Tensor, query_x: torch.Tensor) -> torch.Tensor:
+        if self.bn_stats == "batch":
+            return functional_call(self.model, params, (query_x,))
+        n = len(support_x)
+        return functional_call(self.model, params, (torch.cat([support_x, query_x]),), _stats(n))[n:]
+
+    @staticmethod
+    def _prototypes(support: torch.Tensor, support_y: torch.Tensor) -> torch.Tensor:
+        ways = int(support_y.max()) + 1
+        counts = torch.bincount(support_y, minlength=ways).unsqueeze(1).to(support.dtype)
         prototypes = torch.zeros(ways, support.shape[1], dtype=support.dtype, device=support.device)
-        prototypes = prototypes.index_add(0, task.support_y, support) / counts
+        return prototypes.index_add(0, support_y, support) / counts
+
+    @staticmethod
+    def _distances(query: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
         return -((query.unsqueeze(1) - prototypes.unsqueeze(0)) ** 2).sum(-1)
+
+    def logits(self, params: Params, task: Task) -> torch.Tensor:
+        support = functional_call(self.model, params, (task.support_x,))
+        query = self._embed_queries(params, task.support_x, task.query_x)
+        return self._distances(query, self._prototypes(support, task.support_y))
+
+    def adapt_to(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, steps: int) -> Params:
+        """The parameters and the class prototypes (under PROTOTYPES); `steps` is ignored: no inner loop."""
+        with torch.no_grad():
+            prototypes = self._prototypes(functional_call(self.model, params, (support_x,)), support_y)
+        return params | {PROTOTYPES: prototypes}
+
+    def query_outputs(self, adapted: Params, support_x: torch.Tensor, query_x: torch.Tensor) -> torch.Tensor:
+        """Logits at query_x: negative squared distances to adapt_to's prototypes."""
+        params = {k: v for k, v in adapted.items() if k != PROTOTYPES}
+        return self._distances(self._embed_queries(params, support_x, query_x), adapted[PROTOTYPES])
 
     def outer_grad(self, params: Params, tasks: list[Task]) -> tuple[Params, Metrics]:
         def task_grad(params: Params, task: Task):
@@ -231,7 +306,7 @@ def vectorized(config: RunConfig, device: torch.device | str) -> bool:
 def build_algorithm(config: RunConfig, model: nn.Module, device: torch.device | str = "cpu"):
     """The algorithm object for a run config on a device (`steps` for training come from optim.inner_steps)."""
     if config.algorithm == "protonet":
-        return PrototypicalNetwork(model)
+        return PrototypicalNetwork(model, bn_stats=config.model.bn_stats)
     cls = Reptile if config.algorithm == "reptile" else GradientMetaLearner
     return cls(
         model=model,
@@ -242,6 +317,7 @@ def build_algorithm(config: RunConfig, model: nn.Module, device: torch.device | 
         head_only=config.algorithm == "anil",
         learn_inner_lr=config.algorithm == "metasgd",
         vectorized=vectorized(config, device),
+        bn_stats=config.model.bn_stats,
     )
 
 

@@ -15,7 +15,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from platform.data import DataError, check_omniglot_source, default_omniglot_source
+from platform.splits import TASK_SPLITS, images_per_class, split_sizes
+
 VECTORIZABLE = ("maml", "fomaml", "anil", "metasgd")  # algorithms with a vmap path (resources.vectorize)
+RAY_RESOURCE_UNIT = 0.0001  # Ray refuses fractions of a CPU or GPU finer than this
+MAX_SEED = 2**32 - 1  # NumPy's RandomState and Optuna's sampler (tune) take no larger seed; torch none above 2**64 - 1
+# The password of a URL: scheme://user:<password>@host (up to the last "@" before the path).
+_URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s/:@]*:)[^\s/]*@")
 
 
 class _Loader(yaml.SafeLoader):
@@ -61,6 +68,13 @@ class TaskConfig(_Section):
 class ModelConfig(_Section):
     kind: Literal["mlp", "conv4"] = "mlp"
     width: int = Field(40, gt=0, description="hidden units (mlp) or filters (conv4)")
+    bn_stats: Literal["batch", "support"] = Field(
+        "batch",
+        description=(
+            "BatchNorm statistics for query predictions: batch (of the queries, the papers' transductive "
+            "protocol) or support (of the task's support set, so each query is predicted on its own)"
+        ),
+    )
 
 
 class OptimConfig(_Section):
@@ -88,7 +102,7 @@ class ResourcesConfig(_Section):
         gt=0,
         description="carry on with this many actors while lost ones cannot be re-placed (results are unchanged)",
     )
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(1.0, ge=RAY_RESOURCE_UNIT, description="fractions down to 0.0001 (Ray's unit)")
     gpus_per_worker: float = Field(0.0, ge=0)
     vectorize: Literal["auto", "loop", "vmap"] = Field(
         "auto",
@@ -147,7 +161,7 @@ class TrackingConfig(_Section):
 
 
 class RunConfig(_Section):
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seeds the model's initialisation and every task")
     task: TaskConfig = TaskConfig()
     model: ModelConfig = ModelConfig()
     algorithm: Literal["maml", "fomaml", "reptile", "protonet", "anil", "metasgd"] = "maml"
@@ -166,8 +180,27 @@ class RunConfig(_Section):
     def first_order(self) -> bool:
         return self.optim.first_order or self.algorithm == "fomaml"
 
-    def to_yaml(self) -> str:
-        return yaml.dump(self.model_dump(mode="json"), Dumper=_Dumper, sort_keys=False)
+    def to_yaml(self, redact: bool = True) -> str:
+        """The config as YAML that loads back equal; URL passwords replaced by *** unless `redact` is False."""
+        return yaml.dump(self.redacted() if redact else self.model_dump(mode="json"), Dumper=_Dumper, sort_keys=False)
+
+    def redacted(self) -> dict[str, Any]:
+        """The config as plain data (`model_dump(mode="json")`) with every string passed through `redact`:
+        what may be shown or stored where others read it (logs, MLflow parameters)."""
+        return _redact_strings(self.model_dump(mode="json"))
+
+
+def redact(text: str) -> str:
+    """`text` with the password of every URL in it replaced by ***: "postgresql://u:***@db/mlflow"."""
+    return _URL_PASSWORD.sub(r"\g<head>***@", text)
+
+
+def _redact_strings(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: _redact_strings(v) for k, v in value.items()}
+    return value
 
 
 def _dotted_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -293,48 +326,63 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
 
 
 def check(config: RunConfig) -> list[str]:
-    """Rules that span fields (pydantic checks each field on its own)."""
-    from platform import tasks  # imported here because tasks imports this module
-    from platform.data import DataError
-
-    t, problems = config.task, []
-    if config.classification:
-        if config.model.kind == "mlp" and t.kind == "omniglot":
-            problems.append("model.kind = 'mlp': Omniglot tasks need model.kind 'conv4'")
-        try:
-            counts = [(split, tasks.num_classes(t, split)) for split in ("train", "val", "test")]
-            per_class = tasks.images_per_class(t)
-        except DataError as e:
-            problems.append(f"task.data = {t.data!r}: {e}")
-            counts, per_class = [], None
-        for split, n in counts:
-            if t.ways > n:
-                problems.append(f"task.ways = {t.ways}: more than the {n} classes of the {t.kind} {split} split")
-                break
-        if per_class is not None and t.shots + t.query > per_class:
-            problems.append(
-                f"task.shots + task.query = {t.shots} + {t.query}: more than the {per_class} images per {t.kind} class"
-            )
-    else:
-        if config.model.kind != "mlp":
-            problems.append(f"model.kind = {config.model.kind!r}: sinusoid regression needs model.kind 'mlp'")
-        if config.algorithm == "protonet":
-            problems.append("algorithm = 'protonet': prototypical networks need a classification task, not sinusoid")
-    if config.resources.vectorize == "vmap" and config.algorithm not in VECTORIZABLE:
+    """Rules that span fields (pydantic checks each field on its own), and the data set as far as it
+    can be checked cheaply here (no image is read), so that bad input never gets as far as Ray."""
+    problems = _task_problems(config) if config.classification else _regression_problems(config)
+    o, r = config.optim, config.resources
+    if r.vectorize == "vmap" and config.algorithm not in VECTORIZABLE:
         problems.append(
             f"resources.vectorize = 'vmap': not available for algorithm {config.algorithm!r} "
             f"(only {', '.join(VECTORIZABLE)}); use 'auto' or 'loop'"
         )
-    if config.resources.min_workers > config.resources.workers:
+    if 0 < r.gpus_per_worker < RAY_RESOURCE_UNIT:
         problems.append(
-            f"resources.min_workers = {config.resources.min_workers}: more than resources.workers = "
-            f"{config.resources.workers}"
+            f"resources.gpus_per_worker = {r.gpus_per_worker}: 0 or at least {RAY_RESOURCE_UNIT} (Ray's unit)"
         )
-    chunks = -(-config.optim.meta_batch // config.optim.chunk)
-    if config.resources.workers > chunks:
+    if r.min_workers > r.workers:
+        problems.append(f"resources.min_workers = {r.min_workers}: more than resources.workers = {r.workers}")
+    if o.chunk > o.meta_batch:
         problems.append(
-            f"resources.workers = {config.resources.workers}: more workers than the {chunks} gradient chunks of a "
-            f"meta-batch (optim.meta_batch {config.optim.meta_batch} / optim.chunk {config.optim.chunk}); "
+            f"optim.chunk = {o.chunk}: more than optim.meta_batch = {o.meta_batch} (a chunk is part of a meta-batch)"
+        )
+    chunks = -(-o.meta_batch // o.chunk)
+    if r.workers > chunks:
+        problems.append(
+            f"resources.workers = {r.workers}: more workers than the {chunks} gradient chunks of a "
+            f"meta-batch (optim.meta_batch {o.meta_batch} / optim.chunk {o.chunk}); "
             "lower resources.workers or optim.chunk"
+        )
+    return problems
+
+
+def _regression_problems(config: RunConfig) -> list[str]:
+    problems = []
+    if config.model.kind != "mlp":
+        problems.append(f"model.kind = {config.model.kind!r}: sinusoid regression needs model.kind 'mlp'")
+    if config.algorithm == "protonet":
+        problems.append("algorithm = 'protonet': prototypical networks need a classification task, not sinusoid")
+    return problems
+
+
+def _task_problems(config: RunConfig) -> list[str]:
+    """The classification task against its data: the source is there, the splits have enough classes and images."""
+    t, problems = config.task, []
+    if config.model.kind == "mlp" and t.kind == "omniglot":
+        problems.append("model.kind = 'mlp': Omniglot tasks need model.kind 'conv4'")
+    try:
+        if t.kind == "omniglot":
+            check_omniglot_source(t.data or default_omniglot_source())
+        sizes, per_class = split_sizes(t), images_per_class(t)
+    except DataError as e:
+        default = t.kind == "omniglot" and not t.data
+        source = f" (so {default_omniglot_source()!r}: $METAPLATFORM_OMNIGLOT or the official URL)" if default else ""
+        return [*problems, f"task.data = {t.data!r}{source}: {e}"]
+    for split in TASK_SPLITS:
+        if t.ways > sizes[split]:
+            problems.append(f"task.ways = {t.ways}: more than the {sizes[split]} classes of the {t.kind} {split} split")
+            break
+    if t.shots + t.query > per_class:
+        problems.append(
+            f"task.shots + task.query = {t.shots} + {t.query}: more than the {per_class} images per {t.kind} class"
         )
     return problems

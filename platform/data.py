@@ -13,6 +13,7 @@ import http.client
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -37,7 +38,8 @@ OFFICIAL_MD5 = {
     "images_background.zip": "68d2efa1b9178cc56df9314c21c6e718",
     "images_evaluation.zip": "6b91aef0f799c5bb55b94e3f2daec811",
 }
-SPLITS = ("background", "evaluation")
+# Omniglot comes in two sets of alphabets, images_<set>.zip (not to be confused with the class splits, splits.py).
+OMNIGLOT_SETS = ("background", "evaluation")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 # Part of every cache key: change it whenever the preprocessing changes.
 _PREPROCESSING = f"v1 grayscale, LANCZOS {IMAGE_SIZE}x{IMAGE_SIZE}, inverted"
@@ -85,25 +87,43 @@ def load_omniglot(source: str | None = None) -> ImageClasses:
     `source` (default: `default_omniglot_source()`) is one of
     * a local folder holding `images_background.zip` and `images_evaluation.zip`, or the two
       folders `images_background/` and `images_evaluation/` extracted from them;
-    * an http(s) URL base: `<base>/images_<split>.zip` are downloaded into the cache. Downloads
+    * an http(s) URL base: `<base>/images_<set>.zip` are downloaded into the cache. Downloads
       from `OFFICIAL_OMNIGLOT_URL` are checked against the published md5 checksums; downloads
       from any other URL are NOT verified;
     * `s3://bucket/prefix`, read with boto3 (endpoint, region and credentials come from the
       standard AWS environment variables, e.g. AWS_ENDPOINT_URL for MinIO).
     A download is reused as long as it is in the cache; delete it there to fetch it again.
 
-    Class names are "<split>/<Alphabet>/<characterNN>", sorted by split, alphabet, character;
+    Class names are "<set>/<Alphabet>/<characterNN>", sorted by set, alphabet, character;
     each class's images are sorted by file name.
     """
     source = source or default_omniglot_source()
-    paths = {split: _fetch(source, f"images_{split}") for split in SPLITS}
-    files = {split: _omniglot_files(split, path) for split, path in paths.items()}
+    paths = {part: _fetch(source, f"images_{part}") for part in OMNIGLOT_SETS}
+    files = {part: _omniglot_files(part, path) for part, path in paths.items()}
     with contextlib.ExitStack() as open_zips:  # the zips stay open while the images are decoded
 
         def classes() -> _Classes:
-            return [c for split in SPLITS for c in _omniglot_classes(split, paths[split], files[split], open_zips)]
+            return [c for part in OMNIGLOT_SETS for c in _omniglot_classes(part, paths[part], files[part], open_zips)]
 
-        return _cached("omniglot", [f for split in SPLITS for f in files[split]], classes)
+        return _cached("omniglot", [f for part in OMNIGLOT_SETS for f in files[part]], classes)
+
+
+def check_omniglot_source(source: str) -> None:
+    """Checks what can be checked of an Omniglot source cheaply, before any worker loads it; DataError if not.
+
+    A local folder must hold both zips (or the extracted folders); an http(s) URL must be well-formed
+    (nothing is fetched); an s3:// URI must be well-formed and, when AWS credentials are at hand, both
+    objects must exist (one HEAD request each, skipped for a download already in the cache).
+    """
+    kind = _source_kind(source)
+    if kind == "folder":
+        for part in OMNIGLOT_SETS:
+            _local_path(Path(source).expanduser(), f"images_{part}")
+        return
+    urls = [f"{source.rstrip('/')}/images_{part}.zip" for part in OMNIGLOT_SETS]
+    missing = [url for url in urls if not _download_path(url).exists()]
+    if kind == "s3" and missing:
+        _check_s3_objects(missing)
 
 
 def list_image_folder(root: str | Path) -> list[tuple[str, list[Path]]]:
@@ -122,7 +142,7 @@ def list_image_folder(root: str | Path) -> list[tuple[str, list[Path]]]:
         raise DataError(f"{root}: holds no class folders; put each class's images in <root>/<class>/")
     listing = []
     for folder in folders:
-        files = sorted(p for p in folder.iterdir() if p.is_file() and _is_image(p.name))
+        files = sorted(p for p in folder.iterdir() if p.is_file() and is_image(p.name))
         if not files:
             raise DataError(
                 f"{folder}: class folder holds no images (suffixes {', '.join(IMAGE_SUFFIXES)}); "
@@ -146,17 +166,48 @@ def load_image_folder(root: str | Path) -> ImageClasses:
     return _cached("folder", key_files, lambda: classes)
 
 
-def _is_image(name: str) -> bool:
+def is_image(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def _source_kind(source: str) -> str:
+    """ "http", "s3" or "folder"; DataError for a URL that is not well-formed or of another scheme."""
+    scheme, sep, _ = source.partition("://")
+    if not sep:
+        return "folder"
+    parsed = urlparse(source)
+    if scheme == "s3":
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", parsed.netloc):
+            raise DataError(
+                f"{source}: not a well-formed s3:// URI; expected s3://<bucket>/<prefix> with a valid bucket name"
+            )
+        return "s3"
+    if scheme in ("http", "https"):
+        if not _url_host(parsed) or re.search(r"\s", source):
+            raise DataError(f"{source}: not a well-formed {scheme} URL; expected {scheme}://<host>[:<port>]/<path>")
+        return "http"
+    raise DataError(f"{source}: unsupported scheme {scheme!r}; use a local folder, an http(s):// URL or an s3:// URI")
+
+
+def _url_host(parsed) -> str | None:
+    """The URL's host; None without one or with a port that is not a number."""
+    try:
+        return parsed.hostname if parsed.port is None or parsed.port >= 0 else None
+    except ValueError:
+        return None
 
 
 def _fetch(source: str, name: str) -> Path:
     """Local path of `<name>.zip` or of the extracted folder `<name>/` from an Omniglot source."""
-    if source.startswith(("http://", "https://", "s3://")):
+    if _source_kind(source) != "folder":
         base = source.rstrip("/")
         expected = OFFICIAL_MD5[f"{name}.zip"] if base == OFFICIAL_OMNIGLOT_URL else None
         return _download(f"{base}/{name}.zip", expected)
-    root = Path(source).expanduser()
+    return _local_path(Path(source).expanduser(), name)
+
+
+def _local_path(root: Path, name: str) -> Path:
+    """`root/<name>.zip` or the extracted folder `root/<name>/`, whichever exists."""
     if not root.is_dir():
         raise DataError(
             f"{root}: Omniglot source folder not found; give a folder holding images_background.zip "
@@ -171,15 +222,39 @@ def _fetch(source: str, name: str) -> Path:
     )
 
 
+def _download_path(url: str) -> Path:
+    return cache_dir() / "downloads" / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{url.rsplit('/', 1)[1]}"
+
+
 def _download(url: str, expected_md5: str | None) -> Path:
-    """Downloads `url` into the cache once; only a complete (and verified) file gets its name."""
-    dest = cache_dir() / "downloads" / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{url.rsplit('/', 1)[1]}"
+    """Downloads `url` into the cache once; only a complete (and verified) file gets its name.
+
+    One downloader at a time per file (a file lock), so the temp files of killed downloaders are
+    removed by the next one, and a failing disk is told apart from a failing network.
+    """
+    dest = _download_path(url)
     if dest.exists():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    # No lock: concurrent downloaders each write their own temp file and the last rename wins.
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with open(f"{dest}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not dest.exists():  # another process may have downloaded it while we waited
+                for stale in dest.parent.glob(f".{dest.name}.*.tmp"):  # we hold the lock: their writers died
+                    stale.unlink()
+                _download_to(url, dest, expected_md5)
+    except OSError as e:
+        raise DataError(
+            f"cannot write the download cache in {dest.parent} ({e}); free space there "
+            "or set METAPLATFORM_CACHE to a folder with room"
+        ) from None
+    return dest
+
+
+def _download_to(url: str, dest: Path, expected_md5: str | None) -> None:
     with atomic_file(dest, "w+b") as f:
-        (_get_s3 if url.startswith("s3://") else _get_http)(url, f)
+        sink = _DiskWrites(f)
+        (_get_s3 if url.startswith("s3://") else _get_http)(url, sink)
         f.seek(0)
         actual = hashlib.file_digest(f, "md5").hexdigest()
         if expected_md5 and actual != expected_md5:
@@ -187,45 +262,85 @@ def _download(url: str, expected_md5: str | None) -> Path:
                 f"{url}: md5 checksum mismatch (expected {expected_md5}, got {actual}); the download is "
                 "corrupt or the file changed upstream: try again, or set METAPLATFORM_OMNIGLOT to a local copy"
             )
-    return dest
 
 
-def _get_http(url: str, f) -> None:
+class _DiskWrites:
+    """A file's `write` that keeps the error of a failed write (disk full), so that it is reported as
+    the disk's, not as the network's; without `seek`, so boto3 writes the parts in order."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+
+def _get_http(url: str, sink: _DiskWrites) -> None:
     try:
         with urllib.request.urlopen(url, timeout=60) as response:
-            shutil.copyfileobj(response, f, 1 << 20)
+            shutil.copyfileobj(response, sink, 1 << 20)
     except (OSError, http.client.HTTPException) as e:
+        if sink.error:
+            raise sink.error from None
         raise DataError(
             f"{url}: download failed ({e}); check the URL and the network, "
             "or set METAPLATFORM_OMNIGLOT to a local folder holding the zips"
         ) from None
 
 
-def _get_s3(uri: str, f) -> None:
+def _get_s3(uri: str, sink: _DiskWrites) -> None:
     import boto3  # imported here: it is slow to import and only S3 sources need it
     import botocore.exceptions
 
     parsed = urlparse(uri)
     try:
-        boto3.client("s3").download_fileobj(parsed.netloc, parsed.path.lstrip("/"), f)
+        boto3.client("s3").download_fileobj(parsed.netloc, parsed.path.lstrip("/"), sink)
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+        if sink.error:
+            raise sink.error from None
         raise DataError(
             f"{uri}: download failed ({e}); check the bucket and key, and the AWS_* environment "
             "variables (credentials, AWS_ENDPOINT_URL for MinIO)"
         ) from None
 
 
-def _omniglot_files(split: str, path: Path) -> list[tuple[str, Path]]:
-    """The files that make up one split, labelled by their path in the official layout."""
-    top = f"images_{split}"
+def _check_s3_objects(uris: list[str]) -> None:
+    """DataError unless each object exists; nothing is checked without AWS credentials (the workers may have them)."""
+    import boto3  # imported here: it is slow to import and only S3 sources need it
+    import botocore.config
+    import botocore.exceptions
+
+    session = boto3.Session()
+    if session.get_credentials() is None:
+        return
+    client = session.client("s3", config=botocore.config.Config(connect_timeout=10, retries={"max_attempts": 2}))
+    for uri in uris:
+        parsed = urlparse(uri)
+        try:
+            client.head_object(Bucket=parsed.netloc, Key=parsed.path.lstrip("/"))
+        except botocore.exceptions.ClientError as e:
+            status = e.response.get("Error", {}).get("Code", "")
+            what = "no such object" if status in ("404", "NoSuchKey", "NoSuchBucket") else f"not readable ({e})"
+            raise DataError(f"{uri}: {what}; check the bucket and prefix and the AWS_* environment variables") from None
+        except botocore.exceptions.BotoCoreError as e:
+            raise DataError(f"{uri}: cannot reach S3 ({e}); check AWS_ENDPOINT_URL and the network") from None
+
+
+def _omniglot_files(part: str, path: Path) -> list[tuple[str, Path]]:
+    """The files that make up one set (background, evaluation), labelled by their path in the official layout."""
+    top = f"images_{part}"
     if path.is_file():
         return [(f"{top}.zip", path)]
     return sorted((f"{top}/{p.relative_to(path).as_posix()}", p) for p in path.glob("*/*/*"))
 
 
-def _omniglot_classes(split: str, path: Path, files: list[tuple[str, Path]], stack: contextlib.ExitStack) -> _Classes:
-    """The classes of one split, from its zip or from the `files` of its extracted folder."""
-    top = f"images_{split}"
+def _omniglot_classes(part: str, path: Path, files: list[tuple[str, Path]], stack: contextlib.ExitStack) -> _Classes:
+    """The classes of one set, from its zip or from the `files` of its extracted folder."""
+    top = f"images_{part}"
     if path.is_file():
         try:
             archive = stack.enter_context(zipfile.ZipFile(path))
@@ -237,14 +352,14 @@ def _omniglot_classes(split: str, path: Path, files: list[tuple[str, Path]], sta
     groups = defaultdict(list)
     for member in sorted(members):
         parts = member.split("/")
-        if len(parts) == 4 and parts[0] == top and _is_image(parts[3]):
+        if len(parts) == 4 and parts[0] == top and is_image(parts[3]):
             groups[parts[1], parts[2]].append(members[member])
     if not groups:
         raise DataError(
             f"{path}: holds no images in the Omniglot layout {top}/<Alphabet>/<characterNN>/<image>.png; "
             f"use the official {top}.zip"
         )
-    return [(f"{split}/{a}/{c}", items) for (a, c), items in sorted(groups.items())]
+    return [(f"{part}/{a}/{c}", items) for (a, c), items in sorted(groups.items())]
 
 
 def _cached(kind: str, key_files: list[tuple[str, Path]], classes: Callable[[], _Classes]) -> ImageClasses:
@@ -288,7 +403,7 @@ def _build_entry(entry: Path, classes: _Classes) -> None:
     counts = [len(items) for _, items in classes]
     images = np.empty((sum(counts), IMAGE_SIZE, IMAGE_SIZE), np.uint8)
     for i, (where, read) in enumerate(item for _, items in classes for item in items):
-        images[i] = _preprocess(read, where)
+        images[i] = preprocess_image(read, where)
     offsets = [0, *np.cumsum(counts).tolist()]
     index = {"preprocessing": _PREPROCESSING, "offsets": offsets, "names": [name for name, _ in classes]}
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=entry.parent))
@@ -303,7 +418,7 @@ def _build_entry(entry: Path, classes: _Classes) -> None:
         raise
 
 
-def _preprocess(read: Callable[[], bytes], where: str) -> np.ndarray:
+def preprocess_image(read: Callable[[], bytes], where: str) -> np.ndarray:
     """One image as (28, 28) uint8 with ink high: grayscale on white, LANCZOS-resized, inverted."""
     try:
         with Image.open(io.BytesIO(read())) as img:

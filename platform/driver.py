@@ -25,12 +25,15 @@ from platform.metatest import summarize
 from platform.tasks import evaluation_seeds, iteration_seeds
 
 
-def connect_ray(cpus_needed: float) -> None:
+def connect_ray(cpus_needed: float, env_vars: dict[str, str] | None = None) -> None:
     """Join the cluster in RAY_ADDRESS (set by `ray job submit`), else start a private local instance
-    with at least `cpus_needed` logical CPUs (so the actors' reservations always fit)."""
+    with at least `cpus_needed` logical CPUs (so the actors' reservations always fit). `env_vars` go
+    to every process this driver's job starts (held by Ray, not written anywhere)."""
     if ray.is_initialized():
         return
     quiet = {"logging_level": logging.WARNING, "configure_logging": True}
+    if env_vars:
+        quiet["runtime_env"] = {"env_vars": env_vars}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**quiet)
     else:

@@ -36,6 +36,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from platform.algorithms import Params, build
 from platform.cli import first_line
 from platform.config import RunConfig
+from platform.data import DataError
 from platform.tasks import task_sampler
 
 EVAL_METRICS = ("loss_before", "accuracy_before", "loss", "accuracy")
@@ -113,6 +114,7 @@ class WorkerInfo:
     pid: int
     node: str
     device: str
+    data_error: str | None = None  # the task data cannot be loaded there (the actor is of no use)
 
 
 class AdaptationWorker:
@@ -126,7 +128,11 @@ class AdaptationWorker:
         tune_malloc()
         self.model, self.algorithm, self.template = build(self.config, self.device)
         self.model.to(self.device)
-        self.samplers = {"train": task_sampler(self.config.task, "train")}
+        self.data_error = None
+        try:
+            self.samplers = {"train": task_sampler(self.config.task, "train")}
+        except DataError as e:  # the user's to fix, not a dying actor to restart: `info` reports it
+            self.samplers, self.data_error = {}, str(e)
 
     def _sampler(self, split: str):
         if split not in self.samplers:
@@ -137,7 +143,7 @@ class AdaptationWorker:
         return {k: v.to(self.device) for k, v in unflatten(torch.tensor(flat), self.template).items()}
 
     def info(self) -> WorkerInfo:
-        return WorkerInfo(os.getpid(), ray.get_runtime_context().get_node_id(), str(self.device))
+        return WorkerInfo(os.getpid(), ray.get_runtime_context().get_node_id(), str(self.device), self.data_error)
 
     def outer_grads(self, flat_params: np.ndarray, chunks: list[list[int]]) -> ChunkGradients:
         """Each chunk's summed outer gradient and statistics."""
@@ -237,9 +243,13 @@ class WorkerPool:
         self.remote = ray.remote(AdaptationWorker)
         self._started_once = False  # from then on, an actor becoming live is a restart
         self.slots = [_Slot(i, first + i) for i in range(r.workers)]
-        for slot in self.slots:
-            self._start(slot)
-        self._wait_for_workers(r.workers)
+        try:
+            for slot in self.slots:
+                self._start(slot)
+            self._wait_for_workers(r.workers)
+        except BaseException:  # a caller without a pool cannot clean up after it
+            self.shutdown()
+            raise
 
     @property
     def live(self) -> list[_Slot]:
@@ -288,6 +298,10 @@ class WorkerPool:
                 except WORKER_FAILURES as e:
                     self._fail(slot, f"could not start: {first_line(e)}")
                     continue
+                if info.data_error:
+                    raise DataError(
+                        f"task.data = {self.config.task.data!r}: on node {info.node[:8]}: {info.data_error}"
+                    )
                 slot.info, slot.ready = info, None
                 if self._started_once:
                     self.restarts += 1

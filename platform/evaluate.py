@@ -1,10 +1,12 @@
 """Meta-test a checkpoint: `python -m platform.evaluate --checkpoint LOCATION [--tasks 600] [--steps N]
-[--ways W] [--shots K] [--query Q] [--plot PNG]`.
+[--ways W] [--shots K] [--query Q] [--bn-stats batch|support] [--plot PNG]`.
 
 The standard protocol of the papers: adapt to each of `--tasks` held-out tasks from its support
 set and report the mean query accuracy (classification) or MSE (regression) with a 95% confidence
 interval. The test-time settings the papers vary (inner steps, shots, query size; ways for
-ProtoNets, whose model has no classifier head) default to the run's own. For regression, `--plot`
+ProtoNets, whose model has no classifier head) default to the run's own, and so does `--bn-stats`:
+the BatchNorm statistics queries are normalised by (batch: the query batch's, the papers'
+transductive protocol; support: the support set's, as `platform.adapt` predicts). For regression, `--plot`
 draws the adaptation to one held-out task at those settings (the MAML paper's figure). Runs in this
 process; no Ray cluster is needed.
 """
@@ -15,6 +17,7 @@ import argparse
 import time
 from pathlib import Path
 
+from platform.algorithms import BN_STATS
 from platform.checkpoint import load_checkpoint
 from platform.cli import first_line, run
 from platform.config import ConfigError, RunConfig
@@ -47,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--shots", type=int, help="support examples per class (default: the run's)")
     parser.add_argument("--query", type=int, help="query examples per class (default: the run's)")
+    parser.add_argument(
+        "--bn-stats", choices=BN_STATS, help="normalise queries by batch or support statistics (default: the run's)"
+    )
     parser.add_argument("--no-mlflow", action="store_true", help="do not log the result to MLflow")
     parser.add_argument("--plot", type=Path, help="PNG of the adaptation to a held-out task (regression only)")
     args = parser.parse_args(argv)
@@ -58,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     config = RunConfig.model_validate(state["config"])
     steps = config.optim.test_inner_steps if args.steps is None else args.steps
     config, setting = test_time_config(config, args.ways, args.shots, args.query)
+    if args.bn_stats is not None and args.bn_stats != config.model.bn_stats:
+        config = config.model_copy(update={"model": config.model.model_copy(update={"bn_stats": args.bn_stats})})
+        setting = "-".join(filter(None, (setting, f"bn{args.bn_stats}")))
     if args.plot is not None:
         check_plot_path(args.plot, config)
     start = time.perf_counter()
@@ -66,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     shape = f", {t.ways}-way {t.shots}-shot" if config.classification else f", K = {t.shots}"
     print(
         f"{config.algorithm} on {config.task.kind} ({args.split} split{shape}), iteration {state['iteration']}, "
-        f"{args.tasks} tasks{'' if config.algorithm == 'protonet' else f', {steps} inner step' + 's' * (steps != 1)}: "
+        f"{args.tasks} tasks{'' if config.algorithm == 'protonet' else f', {steps} inner step' + 's' * (steps != 1)}, "
+        f"{config.model.bn_stats} statistics: "
         f"{format_eval(result, config.classification)} "
         f"(95% CI, {time.perf_counter() - start:.1f}s)"
     )

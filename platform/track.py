@@ -13,14 +13,14 @@ import sys
 from pathlib import Path
 
 from platform.cli import USAGE_ERROR, run, warn
-from platform.tracking import Delivery, Spool
+from platform.tracking import Delivery, RunSpool
 
 
 def sync(folder: Path, uri: str | None) -> int:
     if not (folder / "records.jsonl").is_file():
         print(f"error: {folder}: not an MLflow spool (no records.jsonl in it)", file=sys.stderr)
         return USAGE_ERROR
-    spool = Spool(folder)
+    spool = RunSpool(folder)
     uri = uri or spool.uri
     if not uri:
         print(f"error: {folder}: the spool does not say where its records go; give --uri", file=sys.stderr)

@@ -1,13 +1,9 @@
 """MLflow tracking of training runs, through a spool, so that no outage loses anything or stops training.
 
 Everything a run logs (the run's creation, parameters and tags, metric batches, artifacts, the
-model, the end) is first appended as one JSON line to the run's spool, a folder on local disk:
-
-    <spool>/records.jsonl   the operations, in order (append-only, flushed per record)
-    <spool>/delivered       how many of them have reached the tracking server
-    <spool>/run_id          the MLflow run id, once the server created the run
-    <spool>/uri             the tracking URI the records go to
-    <spool>/files/          artifacts and the model, waiting to be uploaded
+model, the end) is first appended as one JSON line to the run's spool (platform.spool), a folder
+on local disk; beside the records it keeps `uri` (where they go) and `run_id` (the MLflow run, once
+the server created it), and in `files/` the artifacts and the model waiting to be uploaded.
 
 A background thread delivers the records in order, retrying with back-off while the server is
 unreachable (one warning when it goes away, one when it is back). The training loop never waits
@@ -30,20 +26,26 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import mlflow
+import mlflow.pytorch
 import numpy as np
-import torch
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
+from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 
 from platform.cli import first_line
 from platform.config import RunConfig
 from platform.data import cache_dir
 from platform.driver import IterationRecord, window_rates
-from platform.files import atomic_write
+from platform.mlflow_client import get_or_create_experiment, is_permanent, log_batches, mlflow_client
+from platform.mlflow_model import log_saved_model, save_model
 from platform.observers import Observer
+from platform.spool import Spool
 
 RUN_KEY_TAG = "metaplatform.run_key"
-_MAX_PARAMS = 100  # per log_batch request (MLflow's limit)
-# MLflow errors that retrying cannot fix: the record is skipped (with a warning) so the rest flows.
-_PERMANENT = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "INVALID_STATE", "RESOURCE_DOES_NOT_EXIST"}
+CONTINUES_TAG = "metaplatform.continues_run"  # on a run that continues one its tracking store does not hold
 
 
 def tracking_uri(config: RunConfig) -> str:
@@ -61,12 +63,6 @@ def artifact_location(uri: str) -> str | None:
     if not is_embedded(uri):
         return None
     return f"file://{Path(uri.removeprefix('sqlite:///')).absolute().parent / 'mlartifacts'}"
-
-
-def get_or_create_experiment(client, name: str, artifacts: str | None) -> str:
-    """The id of experiment `name`, created with `artifacts` as its artifact location when missing."""
-    experiment = client.get_experiment_by_name(name)
-    return experiment.experiment_id if experiment else client.create_experiment(name, artifact_location=artifacts)
 
 
 def flatten_config(data: dict, prefix: str = "") -> dict[str, str]:
@@ -100,51 +96,20 @@ def spool_root(config: RunConfig) -> Path:
     return Path(location).expanduser() / "mlflow-spool"
 
 
-class Spool:
-    """An ordered, durable queue of tracking records in a folder (see the module docstring)."""
+class RunSpool(Spool):
+    """A run's spool: the queue of its tracking records, the tracking URI they go to and, once the
+    server has created the run, its MLflow run id."""
 
     def __init__(self, folder: str | Path, uri: str | None = None):
-        self.folder = Path(folder)
-        self.files = self.folder / "files"
-        self.files.mkdir(parents=True, exist_ok=True)
+        super().__init__(folder)
         if uri is not None:
-            self._write("uri", uri)
-        self._path = self.folder / "records.jsonl"
-        self.records: list[dict] = []
-        if self._path.exists():
-            for line in self._path.read_text().splitlines():
-                try:
-                    self.records.append(json.loads(line))
-                except json.JSONDecodeError:  # a line torn by a crash: the last one, never delivered
-                    break
-        self.delivered = int(self._read("delivered") or 0)
-        self.run_id = self._read("run_id")
-        self.uri = self._read("uri")  # where the records go
-        self._lock = threading.Lock()
-
-    def _read(self, name: str) -> str | None:
-        path = self.folder / name
-        return path.read_text().strip() if path.exists() else None
-
-    def _write(self, name: str, text: str) -> None:
-        atomic_write(self.folder / name, text)
-
-    def append(self, record: dict) -> None:
-        with self._lock, open(self._path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            self.records.append(record)
-
-    def set_delivered(self, count: int) -> None:
-        self.delivered = count
-        self._write("delivered", str(count))
+            self.put("uri", uri)
+        self.uri = self.get("uri")
+        self.run_id = self.get("run_id")
 
     def set_run_id(self, run_id: str) -> None:
         self.run_id = run_id
-        self._write("run_id", run_id)
-
-    @property
-    def pending(self) -> int:
-        return len(self.records) - self.delivered
+        self.put("run_id", run_id)
 
     def last_step(self) -> int:
         """The highest metric step recorded so far (-1 when none)."""
@@ -155,15 +120,9 @@ class Spool:
 class Delivery:
     """Sends a spool's records to a tracking server in order, in a background thread (or in the caller's, `run_once`)."""
 
-    def __init__(self, spool: Spool, uri: str, report: Callable[[str], None]):
-        import mlflow  # slow to import; only tracked runs need it
-
-        # The spool retries; MLflow's own client would otherwise retry a dead server for minutes per call.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    def __init__(self, spool: RunSpool, uri: str, report: Callable[[str], None]):
         self.spool, self.uri, self.report = spool, uri, report
-        self.mlflow = mlflow
-        self.client = mlflow.MlflowClient(uri)
+        self.client = mlflow_client(uri, retries=0)  # the delivery thread retries, with back-off
         self.down: str | None = None  # the error while the server is unreachable
         self._wake = threading.Condition()
         self._closed = False
@@ -212,7 +171,7 @@ class Delivery:
         try:
             self._deliver(record)
         except Exception as e:  # noqa: BLE001 - whatever the client raises, the record stays queued
-            if getattr(e, "error_code", None) in _PERMANENT:
+            if is_permanent(e):  # skipped (with a warning) so that the rest flows
                 self.report(f"MLflow refused a {record['op']} record and it is skipped: {e}")
             else:
                 if self.down is None:
@@ -231,8 +190,6 @@ class Delivery:
         return True
 
     def _deliver(self, record: dict) -> None:
-        from mlflow.entities import Metric, Param, RunTag
-
         op, run_id = record["op"], self.spool.run_id
         if op == "start":
             self._start_run(record)
@@ -240,14 +197,7 @@ class Delivery:
             metrics = [Metric(k, v, ts, step) for k, v, ts, step in record.get("metrics", [])]
             params = [Param(k, v) for k, v in record.get("params", {}).items()]
             tags = [RunTag(k, v) for k, v in record.get("tags", {}).items()]
-            for i in range(0, max(1, len(params)), _MAX_PARAMS):  # our metric and tag batches are small
-                first = i == 0
-                self.client.log_batch(
-                    run_id,
-                    metrics=metrics if first else [],
-                    params=params[i : i + _MAX_PARAMS],
-                    tags=tags if first else [],
-                )
+            log_batches(self.client, run_id, params, metrics, tags)
         elif op == "artifact":
             self.client.log_artifact(run_id, str(self.spool.files / record["file"]), record.get("artifact_path"))
         elif op == "model":
@@ -259,9 +209,12 @@ class Delivery:
         """Create the run, or find it again (a resumed run, a restarted Tune trial, a lost answer) and
         mark it RUNNING; either way it gets the record's tags and whichever of its params it lacks
         (a param's value cannot change in MLflow: PBT's new hyperparameters are in hparams/*)."""
-        from mlflow.entities import Param, RunTag
-        from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
-
+        if self.spool.run_id and not self._run_exists(self.spool.run_id):
+            # Resumed against a store without the checkpoint's run (another embedded store, a rebuilt
+            # server): a new run continues it, and says which.
+            record = record | {"tags": record["tags"] | {CONTINUES_TAG: self.spool.run_id}}
+            self.report(f"MLflow run {self.spool.run_id} is not in {self.uri}; a new run continues it")
+            self.spool.run_id = None
         if not self.spool.run_id:
             experiment_id = get_or_create_experiment(self.client, record["experiment"], record.get("artifact_location"))
             # Created before, by a call whose answer was lost? Then it carries our run key.
@@ -282,31 +235,35 @@ class Delivery:
         if tags:
             self.client.log_batch(run.info.run_id, tags=tags)
         params = [Param(k, v) for k, v in record.get("params", {}).items() if k not in run.data.params]
-        for i in range(0, len(params), _MAX_PARAMS):
-            self.client.log_batch(run.info.run_id, params=params[i : i + _MAX_PARAMS])
+        if params:
+            log_batches(self.client, run.info.run_id, params)
+
+    def _run_exists(self, run_id: str) -> bool:
+        try:
+            self.client.get_run(run_id)
+        except MlflowException as e:
+            if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise
+        return True
 
     def _log_model(self, record: dict) -> None:
-        """Upload the model saved in the spool (signature and input example included) into the run."""
-        import mlflow.pytorch
-        from mlflow.models import Model
-
-        saved = self.spool.files / record["file"]
-        info = Model.load(saved)
-        self.mlflow.set_tracking_uri(self.uri)
-        # log_model logs into the active run; entering it marks it RUNNING, the "end" record that
-        # always follows sets its final status.
-        with self.mlflow.start_run(run_id=self.spool.run_id):
-            logged = mlflow.pytorch.log_model(
-                mlflow.pytorch.load_model(str(saved)),
-                name="model",
-                signature=info.signature,
-                input_example=info.load_input_example(str(saved)),
-                registered_model_name=record.get("register_as"),
-                pip_requirements=record["requirements"],
-            )
-        if record.get("register_as"):
-            version = logged.registered_model_version
-            self.client.set_tag(self.spool.run_id, "registered_model", f"{record['register_as']} version {version}")
+        """Upload the adapting model saved in the spool into the run, and register it. Idempotent: a
+        record sent again after an answer was lost neither logs the model twice nor registers a
+        second version."""
+        run_id, name = self.spool.run_id, record.get("register_as")
+        experiment_id = self.client.get_run(run_id).info.experiment_id
+        logged = self.client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'")
+        if not logged:
+            mlflow.set_tracking_uri(self.uri)
+            # log_model logs into the active run; entering it marks it RUNNING, the "end" record that
+            # always follows sets its final status.
+            with mlflow.start_run(run_id=run_id):
+                log_saved_model(self.spool.files / record["file"])
+        if name:
+            versions = self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+            version = versions[0].version if versions else mlflow.register_model(f"runs:/{run_id}/model", name).version
+            self.client.set_tag(run_id, "registered_model", f"{name} version {version}")
 
 
 class MlflowTracker(Observer):
@@ -316,21 +273,19 @@ class MlflowTracker(Observer):
 
     def __init__(self, report: Callable[[str], None] = print):
         self.report = report
-        self.spool: Spool | None = None
+        self.spool: RunSpool | None = None
         self.delivery: Delivery | None = None
-        self.window: list[dict] = []
+        self.window: list[IterationRecord] = []
+        self.write_failed = False  # the spool's disk refused a record (said once)
 
     def on_start(self, config: RunConfig, context: dict, saved: dict) -> None:
-        from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
-        from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
-
         self.config, t = config, config.tracking
         self.uri = tracking_uri(config)
         self.run_key = context["run_key"]
         # The spool is found again by the saved state or the run key (a resumed run, a Tune trial
         # restarted); one moved to another machine starts anew, knowing its run id.
         folder = Path(saved["spool"]) if "spool" in saved else spool_root(config) / self.run_key
-        self.spool = Spool(folder if folder.is_dir() else spool_root(config) / self.run_key, self.uri)
+        self.spool = RunSpool(folder if folder.is_dir() else spool_root(config) / self.run_key, self.uri)
         if saved.get("run_id") and not self.spool.run_id:
             self.spool.set_run_id(saved["run_id"])
         self.delivery = Delivery(self.spool, self.uri, self.report)
@@ -360,19 +315,19 @@ class MlflowTracker(Observer):
         if commit := git_commit():
             tags["mlflow.source.git.commit"] = commit
         # The start record creates the run, or marks a resumed one RUNNING and updates its tags.
-        self.spool.append(
+        self._append(
             {
                 "op": "start",
                 "experiment": t.experiment,
                 "run_name": t.run_name,
                 "tags": tags,
-                "params": flatten_config(config.model_dump(mode="json")),
+                "params": flatten_config(config.redacted()),
                 "start_time": _now_ms(),
                 "artifact_location": artifact_location(self.uri),
             }
         )
         (self.spool.files / "config.yaml").write_text(config.to_yaml())
-        self.spool.append({"op": "artifact", "file": "config.yaml", "artifact_path": None})
+        self._append({"op": "artifact", "file": "config.yaml", "artifact_path": None})
         # The searched hyperparameters as metrics too, from where this start begins: under PBT they
         # change during a run, and the curve shows the schedule.
         o = config.optim
@@ -419,24 +374,39 @@ class MlflowTracker(Observer):
             }
         self._metrics(values, record.iteration, _now_ms())
 
+    def _append(self, record: dict) -> None:
+        """Spool a record. A disk that refuses it (full, read-only) loses tracking, never training: said once."""
+        try:
+            self.spool.append(record)
+        except OSError as e:
+            if not self.write_failed:
+                self.report(
+                    f"cannot write the tracking spool {self.spool.folder} ({e.strerror or e}); training goes on, "
+                    "untracked until it can be written again"
+                )
+            self.write_failed = True
+
     def _metrics(self, values: dict[str, float], step: int, ts: int, notify: bool = True) -> None:
         metrics = [[k, float(v), ts, step] for k, v in values.items() if np.isfinite(v)]
-        self.spool.append({"op": "batch", "metrics": metrics})
+        self._append({"op": "batch", "metrics": metrics})
         if notify:
             self.delivery.notify()
 
     def on_checkpoint(self, location: str, iteration: int, written) -> None:
         if self.spool is None:  # not started
             return
-        self.spool.append({"op": "batch", "tags": {"checkpoint.latest": location}})
+        self._append({"op": "batch", "tags": {"checkpoint.latest": location}})
         self.delivery.notify()
 
     def on_end(self, status: str, final: dict | None) -> None:
         if self.spool is None:  # the run stopped before it started (no workers): nothing was tracked
             return
         if final is not None:
-            self._final_artifacts(final)
-        self.spool.append({"op": "end", "status": status, "end_time": _now_ms()})
+            try:
+                self._final_artifacts(final)
+            except OSError as e:  # the plots and the model are staged on the spool's disk too
+                self.report(f"could not stage the run's plots and model in {self.spool.files} ({e.strerror or e})")
+        self._append({"op": "end", "status": status, "end_time": _now_ms()})
         self.delivery.notify()
         delivered = self.delivery.flush(self.config.tracking.flush_timeout_s)
         self.delivery.close()
@@ -459,7 +429,7 @@ class MlflowTracker(Observer):
         from platform import plots
 
         state, config = final["state"], self.config
-        self.spool.append({"op": "batch", "tags": {"checkpoint.final": final["location"]}})
+        self._append({"op": "batch", "tags": {"checkpoint.final": final["location"]}})
         staged = []
         staged.append(
             (
@@ -484,58 +454,18 @@ class MlflowTracker(Observer):
             )
             staged.append((report, "evaluation"))
         for path, folder in staged:
-            self.spool.append({"op": "artifact", "file": path.name, "artifact_path": folder})
+            self._append({"op": "artifact", "file": path.name, "artifact_path": folder})
         model = save_model(config, state["params"], self.spool.files / "model")
-        self.spool.append(
+        self._append(
             {
                 "op": "model",
                 "file": model.name,
                 "register_as": config.tracking.register_as,
-                "requirements": requirements(),
             }
         )
 
     def state(self) -> dict:
         return {"spool": str(self.spool.folder), "run_id": self.spool.run_id} if self.spool else {}
-
-
-def requirements() -> list[str]:
-    return [f"torch=={torch.__version__.split('+')[0]}", "metaplatform"]
-
-
-def model_input_example(config: RunConfig) -> np.ndarray:
-    if config.task.kind == "sinusoid":
-        return np.linspace(-5, 5, 5, dtype=np.float32).reshape(5, 1)
-    return np.zeros((2, 1, 28, 28), dtype=np.float32)
-
-
-def trained_model(config: RunConfig, params: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """The model with the meta-trained parameters (Meta-SGD's learned inner rates left out)."""
-    from platform.algorithms import INNER_LR
-    from platform.models import build_model
-
-    model = build_model(config)
-    model.load_state_dict({k: v for k, v in params.items() if not k.startswith(INNER_LR)})
-    return model.eval()
-
-
-def save_model(config: RunConfig, params: dict[str, torch.Tensor], path: Path) -> Path:
-    """The model in MLflow's pytorch format, with its signature and input example (no server needed)."""
-    import mlflow.pytorch
-    from mlflow.models import infer_signature
-
-    model = trained_model(config, params)
-    example = model_input_example(config)
-    with torch.no_grad():
-        output = model(torch.from_numpy(example)).numpy()
-    mlflow.pytorch.save_model(
-        model,
-        str(path),
-        signature=infer_signature(example, output),
-        input_example=example,
-        pip_requirements=requirements(),
-    )
-    return path
 
 
 def _now_ms() -> int:
@@ -545,14 +475,9 @@ def _now_ms() -> int:
 def log_evaluation(state: dict, location: str, report: dict) -> str:
     """Log a meta-test result into the checkpoint's MLflow run (a new run if that one is not in the
     tracking store); returns the run id. Raises whatever the MLflow client raises."""
-    import mlflow
-    from mlflow.entities import Metric
-    from mlflow.exceptions import MlflowException
-
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     config = RunConfig.model_validate(state["config"])
     uri = tracking_uri(config)
-    client = mlflow.MlflowClient(uri)
+    client = mlflow_client(uri, retries=2)
     run_id = state.get("observers", {}).get("mlflow", {}).get("run_id")
     if run_id:
         try:

@@ -21,6 +21,7 @@ from platform.algorithms import build
 from platform.checkpoint import CheckpointError, CheckpointStore, CheckpointWriter
 from platform.cli import config_parser, first_line, run, warn
 from platform.config import ConfigError, RunConfig, load_config
+from platform.data import DataError
 from platform.driver import IterationRecord, connect_ray, make_optimizer, meta_step, meta_validate, window_rates
 from platform.engine import WorkerFailureError, WorkerPool, WorkerStartError
 from platform.metatest import format_eval
@@ -76,8 +77,9 @@ class StopRequest:
 
 
 def resume_conflicts(saved: dict, config: RunConfig) -> list[str]:
-    """Settings that must not change between a checkpoint and the run resuming from it."""
-    now = config.model_dump(mode="json")
+    """Settings that must not change between a checkpoint and the run resuming from it (compared as
+    stored: with URL passwords redacted)."""
+    now = config.redacted()
     conflicts = []
     for section in ("seed", "task", "model", "algorithm", "optim"):
         before, after = saved.get(section), now[section]
@@ -122,7 +124,7 @@ class Progress:
             "iteration": self.iteration,
             "params": {k: v.detach().clone() for k, v in self.params.items()},
             "optimizer": self.optimizer.state_dict(),
-            "config": config.model_dump(mode="json"),
+            "config": config.redacted(),  # read by others (evaluate, shared buckets): no URL passwords
             "history": self.history,
             "run_key": self.run_key,
             "observers": observers,
@@ -253,6 +255,13 @@ def train(
         }
         watch.on_start(config, context, progress.observers)
         train_loop(config, progress, pool, watch, checkpoint, stop)
+    except DataError as e:  # an actor's node cannot load the task data
+        if progress.iteration != (progress.resumed_from or 0):
+            failure = str(e)  # mid-run (a replacement actor's node): the progress is kept
+        else:  # nothing trained, nothing to keep: a usage error, said in one line
+            writer.close()
+            stop.restore()
+            raise
     except (WorkerStartError, WorkerFailureError) as e:
         failure = str(e)
     except RayError as e:

@@ -259,8 +259,8 @@ class S3Server(_Server):
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
             "AWS_ENDPOINT_URL": self.url,
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_ACCESS_KEY_ID": "moto-key-7f3a",
+            "AWS_SECRET_ACCESS_KEY": "moto-secret-c41d9e",  # distinctive: tests look for it in written files
             "AWS_DEFAULT_REGION": "us-east-1",
         }
 

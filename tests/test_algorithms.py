@@ -631,3 +631,93 @@ def test_batchnorm_is_accurate_on_channels_last_input():
     x = (0.5 * torch.randn(75, 64, 28, 28) + 3).contiguous(memory_format=torch.channels_last)
     truth = F.batch_norm(x.double(), None, None, training=True)
     assert (BatchNorm(64)(x).double() - truth).abs().max() < 5e-6
+
+
+# --- bn_stats: support (queries normalised by the support set's statistics) ----------------------
+
+
+def paper_conv4_support(p: dict, support_x: torch.Tensor, query_x: torch.Tensor) -> torch.Tensor:
+    """paper_conv4 on the queries with every BatchNorm's statistics taken from the support images."""
+    s, q = support_x, query_x
+    for i in range(4):
+        s, q = (F.conv2d(x, p[f"body.{i}.0.weight"], p[f"body.{i}.0.bias"], padding=1) for x in (s, q))
+        mean, var = s.mean((0, 2, 3), keepdim=True), s.var((0, 2, 3), correction=0, keepdim=True)
+        w, b = (p[f"body.{i}.1.{k}"].view(1, -1, 1, 1) for k in ("weight", "bias"))
+        s, q = (F.max_pool2d(F.relu((x - mean) / torch.sqrt(var + 1e-5) * w + b), 2) for x in (s, q))
+    return F.linear(q.flatten(1), p["head.weight"], p["head.bias"])
+
+
+def test_conv4_with_support_statistics_is_the_papers_network_normalised_by_the_support_set():
+    """stats_rows=n: every block (the folded first one too) normalises all rows by the first n rows' statistics."""
+    model, params, task = conv4_setup(width=6, dtype=torch.float64)
+    n = len(task.support_x)
+    ours = functional_call(model, params, (torch.cat([task.support_x, task.query_x]),), {"stats_rows": n})[n:]
+    torch.testing.assert_close(ours, paper_conv4_support(params, task.support_x, task.query_x), rtol=1e-10, atol=1e-12)
+    batch = functional_call(model, params, (task.query_x,))
+    assert (ours - batch).abs().max() > 1e-3  # the query batch's own statistics give other outputs
+
+
+def test_maml_meta_gradient_with_support_statistics_flows_through_the_statistics():
+    """Training with bn_stats=support: the query loss's gradient includes the support statistics' dependence
+    on the parameters (F.batch_norm with given statistics would drop it), against an unrolled reference."""
+    model, params, task = conv4_setup(width=6, dtype=torch.float64)
+    learner = GradientMetaLearner(model, 0.4, 1, False, True, bn_stats="support")
+    grads = learner.outer_grad(params, [task])[0]
+    theta = leaves(params)
+    fast = sgd(theta, list(theta), F.cross_entropy(paper_conv4(theta, task.support_x), task.support_y), 0.4, True)
+    query = F.cross_entropy(paper_conv4_support(fast, task.support_x, task.query_x), task.query_y)
+    expected = dict(zip(theta, torch.autograd.grad(query, list(theta.values()))))
+    grads.pop("body.0.0.bias"), expected.pop("body.0.0.bias")  # cancels in BN: 0 (ours exactly), 1e-13 noise
+    assert_params_close(grads, expected, rtol=1e-9, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", ["maml-conv4", "anil-conv4"])
+def test_vectorized_outer_grad_equals_the_task_loop_with_support_statistics(name):
+    loop = dataclasses.replace(VMAP_CASES[name][0](), bn_stats="support")
+    params = double(loop.init_params())
+    tasks = [image_task(s, size=28) for s in (30, 31)]
+    expected, _ = loop.outer_grad(params, tasks)
+    grads, _ = dataclasses.replace(loop, vectorized=True).outer_grad(params, tasks)
+    assert_params_close(grads, expected, rtol=1e-10, atol=1e-13)
+
+
+def _bn_learners() -> dict:
+    torch.manual_seed(0)
+    conv = Conv4(1, 16, 5)
+    return {
+        "maml": maml(conv, inner_lr=0.4, steps=2, classification=True),
+        "anil": maml(conv, inner_lr=0.4, steps=2, classification=True, head_only=True),
+        "protonet": PrototypicalNetwork(Conv4(1, 16, None)),
+    }
+
+
+@pytest.mark.parametrize("name", ["maml", "anil", "protonet"])
+def test_with_support_statistics_a_query_does_not_depend_on_the_other_queries(name):
+    """query_outputs of one image alone and inside a batch of 50: equal to 1e-6 with support statistics
+    (not bitwise: the kernels may block a batch of 51 rows differently from one of 6), far apart with
+    the batch's own."""
+    task = image_task(3, ways=5, shots=1, query=10, size=28)
+    queries = task.query_x.float()
+    for bn_stats, close in (("support", True), ("batch", False)):
+        algo = dataclasses.replace(_bn_learners()[name], bn_stats=bn_stats)
+        adapted = algo.adapt_to(algo.init_params(), task.support_x.float(), task.support_y, 2)
+        with torch.no_grad():
+            alone = algo.query_outputs(adapted, task.support_x.float(), queries[:1])[0]
+            together = algo.query_outputs(adapted, task.support_x.float(), queries)[0]
+        assert torch.allclose(alone.softmax(-1), together.softmax(-1), rtol=0, atol=1e-6) == close, bn_stats
+
+
+@pytest.mark.parametrize("name", ["maml", "anil", "protonet"])
+@pytest.mark.parametrize("bn_stats", ["batch", "support"])
+def test_adapt_to_and_query_outputs_are_evaluates_computation(name, bn_stats):
+    """Adapt once, predict many (the learner API) scores a task exactly as evaluate does."""
+    algo = dataclasses.replace(_bn_learners()[name], bn_stats=bn_stats)
+    params = algo.init_params()
+    task = image_task(4, ways=5, shots=2, query=6, size=28)
+    task = Task(task.support_x.float(), task.support_y, task.query_x.float(), task.query_y)
+    adapted = algo.adapt_to(params, task.support_x, task.support_y, 3)
+    with torch.no_grad():
+        outputs = algo.query_outputs(adapted, task.support_x, task.query_x)
+    metrics = algo.evaluate(params, task, 3)
+    assert F.cross_entropy(outputs, task.query_y).item() == metrics["loss"]
+    assert (outputs.argmax(-1) == task.query_y).float().mean().item() == metrics["accuracy"]

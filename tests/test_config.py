@@ -5,6 +5,7 @@ Most cases call `load_config` in this process; a few start `python -m platform.t
 traceback is printed.
 """
 
+import ast
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import yaml
 from PIL import Image
 
 from platform.cli import USAGE_ERROR, run
-from platform.config import ConfigError, RunConfig, _dotted_keys, check, load_config
+from platform.config import ConfigError, RunConfig, _dotted_keys, check, load_config, redact
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = sorted((REPO / "configs").glob("*.yaml"))
@@ -150,6 +151,35 @@ def test_bad_field_names_field_value_and_rule(override, field, value, rule):
     assert f"{field} = {value}" in problem and rule in problem
 
 
+# Values each field accepted on its own that crashed later (in torch, Optuna or Ray, after the cluster started).
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (
+            ["seed=18446744073709551616"],
+            "seed = 18446744073709551616: Input should be less than or equal to 4294967295",
+        ),
+        (["seed=4294967296"], "seed = 4294967296: Input should be less than or equal to 4294967295"),
+        (
+            ["optim.meta_batch=8", "optim.chunk=9", "resources.workers=1"],
+            "optim.chunk = 9: more than optim.meta_batch = 8",
+        ),
+        (
+            ["resources.cpus_per_worker=0.00001"],
+            "resources.cpus_per_worker = 1e-05: Input should be greater than or equal",
+        ),
+        (["resources.gpus_per_worker=0.00001"], "resources.gpus_per_worker = 1e-05: 0 or at least 0.0001"),
+    ],
+)
+def test_values_that_would_crash_later_are_rejected(overrides, needle):
+    (problem,) = problems_of(None, overrides)
+    assert needle in problem
+
+
+def test_largest_seed_is_valid():
+    assert load_config(None, ["seed=4294967295"]).seed == 2**32 - 1
+
+
 def test_omniglot_ways_larger_than_split_classes():
     # standard split: 172 validation characters x 4 rotations = 688 classes; background: 100 x 4 = 400
     (problem,) = problems_of(None, [*OMNIGLOT, "task.ways=689"])
@@ -253,6 +283,137 @@ def test_folder_ways_and_images_checked_against_the_folder(tmp_path):
     assert "task.shots + task.query = 2 + 3" in problems[1] and "4 images" in problems[1]
 
 
+@pytest.mark.parametrize("classes", [1, 2])
+def test_folder_with_fewer_classes_than_splits(tmp_path, classes):
+    root = make_folder(tmp_path / "data", classes=classes, images=4)
+    (problem,) = problems_of(None, ["task.kind=folder", "model.kind=conv4", f"task.data={root}", "task.ways=1"])
+    assert f"task.data = '{root}'" in problem and f"{classes} class folder(s)" in problem and "at least 3" in problem
+    assert load_config(
+        None,
+        [
+            "task.kind=folder",
+            "model.kind=conv4",
+            f"task.data={make_folder(tmp_path / 'three', 3, 4)}",
+            "task.ways=1",
+            "task.shots=1",
+            "task.query=1",
+        ],
+    )
+
+
+# ---- the Omniglot source, checked before anything starts ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data, needle",
+    [
+        ("{tmp}/absent", "{tmp}/absent: Omniglot source folder not found"),
+        ("{tmp}/half", "{tmp}/half/images_evaluation.zip not found"),
+        ("s3://Not_A_Bucket/omniglot", "not a well-formed s3:// URI"),
+        ("s3:///omniglot", "not a well-formed s3:// URI"),
+        ("https://", "not a well-formed https URL"),
+        ("https://host:port/omniglot", "not a well-formed https URL"),
+        ("ftp://host/omniglot", "unsupported scheme 'ftp'"),
+    ],
+)
+def test_omniglot_source_is_checked(tmp_path, data, needle):
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "images_background.zip").write_bytes(b"")
+    data, needle = data.format(tmp=tmp_path), needle.format(tmp=tmp_path)
+    (problem,) = problems_of(None, [*OMNIGLOT, f"task.data={data}"])
+    assert problem.startswith(f"config: task.data = {data!r}: ") and needle in problem
+
+
+def test_omniglot_default_source_is_checked_and_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("METAPLATFORM_OMNIGLOT", str(tmp_path / "nowhere"))
+    (problem,) = problems_of(None, OMNIGLOT)
+    assert f"task.data = None (so '{tmp_path / 'nowhere'}': $METAPLATFORM_OMNIGLOT" in problem
+    assert "Omniglot source folder not found" in problem
+
+
+def test_omniglot_sources_that_pass_without_the_network(tmp_path, omniglot_source):
+    extracted = tmp_path / "extracted"
+    for part in ("background", "evaluation"):
+        (extracted / f"images_{part}").mkdir(parents=True)
+    for data in (omniglot_source, str(extracted), "https://omniglot.invalid/python", "http://127.0.0.1:9/x"):
+        assert load_config(None, [*OMNIGLOT, f"task.data={data}"]).task.data == data
+
+
+def test_omniglot_s3_objects_are_checked_when_credentials_are_at_hand(s3_bucket, monkeypatch):
+    import boto3
+
+    (problem,) = problems_of(None, [*OMNIGLOT, f"task.data=s3://{s3_bucket}/omniglot"])
+    assert f"s3://{s3_bucket}/omniglot/images_background.zip: no such object" in problem
+    for part in ("background", "evaluation"):
+        boto3.client("s3").put_object(Bucket=s3_bucket, Key=f"omniglot/images_{part}.zip", Body=b"zip")
+    assert load_config(None, [*OMNIGLOT, f"task.data=s3://{s3_bucket}/omniglot"])
+    # Without credentials the driver cannot tell (the workers may have them): not checked.
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    assert load_config(None, [*OMNIGLOT, f"task.data=s3://{s3_bucket}/elsewhere"])
+
+
+def test_checking_a_config_needs_neither_torch_nor_the_task_module(tmp_path):
+    """config -> splits -> data: no import cycle with tasks, and a check that reads no image stays fast."""
+    script = (
+        "import sys; from platform.config import load_config; "
+        f"load_config(None, ['task.kind=folder', 'model.kind=conv4', 'task.data={make_folder(tmp_path / 'd', 5, 3)}', "
+        "'task.ways=1', 'task.shots=1', 'task.query=1']); load_config(None, ['task.kind=omniglot', 'model.kind=conv4']); "
+        "print(sorted(m for m in ('torch', 'platform.tasks') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("module", ["config", "splits", "tasks", "data", "streams"])
+def test_no_import_inside_a_function_without_a_reason(module):
+    """The house rule: an import inside a function says why, in a comment on it or on the first of its group."""
+    path = REPO / "platform" / f"{module}.py"
+    lines = path.read_text().splitlines()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.FunctionDef):
+            for inner in ast.walk(node):
+                if isinstance(inner, ast.Import | ast.ImportFrom):
+                    i = inner.lineno - 1
+                    while "#" not in lines[i] and lines[i - 1].strip().startswith(("import ", "from ")):
+                        i -= 1  # an import right after another: the group's reason covers it
+                    assert "#" in lines[i], f"{path.name}:{inner.lineno}: import inside {node.name}() without a reason"
+
+
+# ---- passwords in URLs are not shown -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, shown",
+    [
+        ("postgresql://mlflow:s3cr3t@db:5432/mlflow", "postgresql://mlflow:***@db:5432/mlflow"),
+        ("https://user:p@ss:w@host/omniglot", "https://user:***@host/omniglot"),  # up to the last @ of the netloc
+        ("https://user@host/x", "https://user@host/x"),  # no password
+        ("https://host:8443/x?a=b", "https://host:8443/x?a=b"),
+        ("s3://bucket/prefix", "s3://bucket/prefix"),
+        ("see http://a:b@h1/ and http://c:d@h2", "see http://a:***@h1/ and http://c:***@h2"),
+        ("/data/omniglot", "/data/omniglot"),
+    ],
+)
+def test_redact_hides_the_password_of_every_url(text, shown):
+    assert redact(text) == shown
+
+
+def test_resolved_config_hides_passwords_unless_asked():
+    secret = ["tracking.uri=postgresql://u:hunter2@db/mlflow", "tracking.tags.source=https://bot:tok3n@git.example/r"]
+    config = load_config(None, secret)
+    for text in (config.to_yaml(), yaml.safe_dump(config.redacted())):
+        assert "hunter2" not in text and "tok3n" not in text
+        assert "postgresql://u:***@db/mlflow" in text and "https://bot:***@git.example/r" in text
+    assert config.redacted()["tracking"]["uri"] == "postgresql://u:***@db/mlflow"
+    assert config.tracking.uri == "postgresql://u:hunter2@db/mlflow"  # the config itself keeps it
+    assert "hunter2" in config.to_yaml(redact=False)
+
+
 # ---- commands: exit code 2, one line per problem, no traceback ---------------------------------
 
 
@@ -285,6 +446,11 @@ BAD_COMMANDS = {
     ),
     "section-override": (["platform.train", "optim"], ["override 'optim'"]),
     "folder-missing": (["platform.train", *OMNIGLOT[1:], "task.kind=folder", "task.data=missing"], ["task.data"]),
+    # Before Ray starts: this took 100 s of failing actors and exit 1 when only the actors looked.
+    "omniglot-data-missing": (
+        ["platform.train", "--config", "omniglot.yaml", "task.data=/nonexistent"],
+        ["task.data = '/nonexistent': /nonexistent: Omniglot source folder not found"],
+    ),
     "evaluate-missing-checkpoint": (["platform.evaluate", "--checkpoint", "/nonexistent"], ["/nonexistent"]),
 }
 

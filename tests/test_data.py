@@ -204,7 +204,7 @@ def test_http_source_downloads_once(http_root, small_zips, cache):
     served, base = http_root
     write_zips(served / "omniglot", omniglot_members())
     downloaded = data.load_omniglot(f"{base}/omniglot/")
-    assert sorted(p.name.split("-", 1)[1] for p in (cache / "downloads").iterdir()) == [
+    assert sorted(p.name.split("-", 1)[1] for p in (cache / "downloads").iterdir() if p.suffix != ".lock") == [
         "images_background.zip",
         "images_evaluation.zip",
     ]
@@ -225,7 +225,7 @@ def test_official_url_is_verified(http_root, cache, monkeypatch):
     message = str(e.value)
     assert f"{base}/images_background.zip" in message and data.OFFICIAL_MD5["images_background.zip"] in message
     assert actual in message
-    assert [p for p in cache.rglob("*") if p.is_file()] == []
+    assert [p for p in cache.rglob("*") if p.is_file() and p.suffix != ".lock"] == []  # lock files stay, by design
 
     md5 = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in served.iterdir()}
     monkeypatch.setattr(data, "OFFICIAL_MD5", md5)
@@ -236,7 +236,7 @@ def test_http_errors_name_the_url(http_root, cache):
     _, base = http_root
     with pytest.raises(data.DataError, match=f"{base}/nothing/images_background.zip.*404"):
         data.load_omniglot(f"{base}/nothing")
-    assert [p for p in cache.rglob("*") if p.is_file()] == []
+    assert [p for p in cache.rglob("*") if p.is_file() and p.suffix != ".lock"] == []
 
 
 def test_s3_source(s3_bucket, small_zips, cache):
@@ -247,6 +247,107 @@ def test_s3_source(s3_bucket, small_zips, cache):
     assert_same(from_s3, data.load_omniglot(str(small_zips)))
     with pytest.raises(data.DataError, match=re.escape(f"s3://{s3_bucket}/nothing/images_background.zip")):
         data.load_omniglot(f"s3://{s3_bucket}/nothing")
+
+
+def test_s3_source_check_asks_only_for_what_is_not_cached(s3_bucket, small_zips, cache):
+    """check_omniglot_source (run by config checks on the driver) HEADs the objects unless already downloaded."""
+    s3 = boto3.client("s3")
+    source = f"s3://{s3_bucket}/sets/omniglot"
+    with pytest.raises(data.DataError, match=re.escape(f"{source}/images_background.zip: no such object")):
+        data.check_omniglot_source(source)
+    for zip_path in small_zips.iterdir():
+        s3.upload_file(str(zip_path), s3_bucket, f"sets/omniglot/{zip_path.name}")
+    data.check_omniglot_source(source)
+    data.load_omniglot(source)
+    for zip_path in small_zips.iterdir():
+        s3.delete_object(Bucket=s3_bucket, Key=f"sets/omniglot/{zip_path.name}")
+    data.check_omniglot_source(source)  # the downloads are in the cache: what the workers will use
+
+
+def test_local_source_check(tmp_path, small_zips):
+    data.check_omniglot_source(str(small_zips))
+    data.check_omniglot_source(str(write_extracted(tmp_path / "extracted", omniglot_members())))
+    (small_zips / "images_background.zip").unlink()
+    with pytest.raises(data.DataError, match=re.escape(f"{small_zips / 'images_background'}.zip not found")):
+        data.check_omniglot_source(str(small_zips))
+
+
+def stalling_server(served: Path, stall: threading.Event):
+    """An http server on loopback that sends half of each file, then waits for `stall` before the rest."""
+
+    class Stalling(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            body = (served / self.path.lstrip("/")).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            stall.wait(30)
+            self.wfile.write(body[len(body) // 2 :])
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Stalling)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    return server
+
+
+def test_a_killed_download_leaves_no_temp_file_beyond_the_next_download(tmp_path, cache):
+    served = write_zips(tmp_path / "served", omniglot_members())
+    stall = threading.Event()
+    server = stalling_server(served, stall)
+    base = f"http://127.0.0.1:{server.server_port}"
+    try:
+        child = subprocess.Popen(
+            [sys.executable, "-c", f"import platform.data as d; d.load_omniglot({base!r})"], cwd=REPO
+        )
+        downloads = cache / "downloads"
+        deadline = time.monotonic() + 30
+        while not [p for p in downloads.glob(".*.tmp") if p.stat().st_size] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        child.kill()  # SIGKILL mid-download: no handler runs, the temp file stays
+        child.wait(timeout=10)
+        [temp] = downloads.glob(".*.tmp")
+        stall.set()
+        assert data.load_omniglot(base).names == SMALL_NAMES
+        assert not temp.exists() and list(downloads.glob(".*.tmp")) == []
+        assert sorted(p.name.split("-", 1)[1] for p in downloads.iterdir() if p.suffix == ".zip") == [
+            "images_background.zip",
+            "images_evaluation.zip",
+        ]
+    finally:
+        stall.set()
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_full_disk_during_a_download_is_reported_as_the_disk(http_root, cache):
+    """The kernel refuses the write (RLIMIT_FSIZE stands in for a full disk: the same OSError path as ENOSPC)."""
+    served, base = http_root
+    write_zips(served, omniglot_members())
+    script = f"""if True:
+        import resource, signal
+        import platform.data as d
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # so the write fails with EFBIG instead of killing us
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
+        try:
+            d.load_omniglot({base!r})
+        except d.DataError as e:
+            print(e)
+    """
+    result = subprocess.run(
+        [sys.executable, "-c", script], check=False, cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    message = result.stdout.strip()
+    assert (
+        message.startswith(f"cannot write the download cache in {cache / 'downloads'}")
+        and "METAPLATFORM_CACHE" in message
+    )
+    assert "check the URL" not in message
+    assert [p.name for p in (cache / "downloads").iterdir() if p.suffix != ".lock"] == []
 
 
 def test_default_source_and_cache_dir(monkeypatch, tmp_path):

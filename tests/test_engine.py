@@ -116,6 +116,42 @@ def test_no_workers_to_be_had_stops_with_a_message(ray_cluster, tmp_path):
     assert CheckpointStore(tmp_path).latest() == 0
 
 
+def test_data_only_an_actor_can_read_is_one_usage_error_not_dying_actors(ray_cluster, tmp_path):
+    """A folder data set whose listing is fine (what the driver checks) but with an image the actors
+    cannot decode: exit 2 at once with the actor's message, no restarts, no tracebacks, no checkpoint."""
+    from PIL import Image
+
+    data = tmp_path / "data"
+    for c in range(10):
+        (data / f"class{c}").mkdir(parents=True)
+        for i in range(2):
+            Image.new("L", (8, 8), color=c * 20 + i).save(data / f"class{c}" / f"{i}.png")
+    (data / "class3" / "1.png").write_bytes(b"not a png")
+    overrides = [
+        "task.kind=folder",
+        f"task.data={data}",
+        "task.ways=2",
+        "task.shots=1",
+        "task.query=1",
+        "model.kind=conv4",
+    ]
+    proc = driver_runs.start_train(
+        ray_cluster,
+        *overrides,
+        "model.width=8",
+        "optim.meta_batch=4",
+        "optim.chunk=2",
+        "eval.every=0",
+        f"checkpoint.dir={tmp_path / 'c'}",
+    )
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 2, out
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "task.data" in errors[0] and "class3/1.png: cannot read the image" in errors[0], out
+    assert "Traceback" not in out and "worker failures" not in out and "restarted" not in out, out
+    assert CheckpointStore(tmp_path / "c").latest() is None
+
+
 @pytest.mark.parametrize("store", ["local", "s3"])
 def test_resume_after_the_driver_is_killed(ray_cluster, reference, tmp_path, store, request):
     if store == "s3":

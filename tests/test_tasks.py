@@ -1,6 +1,7 @@
 """The task-seed contract of platform.tasks: a task is a pure function of (config, split, seed)."""
 
 import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from platform import tasks
+from platform import splits, tasks
 from platform.config import TaskConfig
+from platform.splits import TASK_SPLITS
+from platform.streams import Stream, permutation
 
 REPO = Path(__file__).resolve().parents[1]
 SINUSOID = TaskConfig(kind="sinusoid", shots=10, query=15)
@@ -72,7 +75,7 @@ def test_sinusoid_same_seed_same_task():
 def test_sinusoid_different_seeds_and_splits_differ():
     train = tasks.task_sampler(SINUSOID, "train")
     assert_different_tasks(train.sample(0), train.sample(1))
-    samples = [tasks.task_sampler(SINUSOID, split).sample(3) for split in tasks.SPLITS]
+    samples = [tasks.task_sampler(SINUSOID, split).sample(3) for split in TASK_SPLITS]
     for i in range(3):
         for j in range(i + 1, 3):
             assert_different_tasks(samples[i], samples[j])
@@ -106,6 +109,52 @@ def test_sampler_rejects_unknown_split():
         tasks.task_sampler(SINUSOID, "validation")
 
 
+# --- the project's own random streams (streams.py) -----------------------------------------------
+
+
+def test_stream_words_are_sha256_in_counter_mode():
+    """The stream is defined by SHA-256 alone (no NumPy generator), so no library upgrade changes a task."""
+    words = Stream("task", "train", 7).words(6)
+    blocks = [hashlib.sha256(f"task:train:7:{b}".encode()).digest() for b in (0, 1)]
+    expected = [int.from_bytes(block[i : i + 8], "little") for block in blocks for i in range(0, 32, 8)][:6]
+    assert words == expected
+    stream = Stream("task", "train", 7)
+    assert stream.words(1) + stream.words(4) + stream.words(1) == expected  # any cut, the same stream
+    assert Stream("task", "val", 7).words(1)[0] != words[0] and Stream("iteration", "train", 7).words(1)[0] != words[0]
+
+
+def test_stream_bounded_integers_and_fractions():
+    bounds = [1, 2, 3, 5, 20, 4112, 2**31 + 7, 2**63] * 50
+    got = Stream("check", 1).below(bounds)
+    assert all(0 <= v < b for v, b in zip(got, bounds)) and got[: len(bounds) // 50].count(0) < 3
+    assert len({v for v, b in zip(got, bounds) if b == 4112}) > 40  # spread, not stuck
+    x = Stream("check", 2).uniform(-5.0, 5.0, 1000)
+    assert x.dtype == np.float64 and x.min() >= -5 and x.max() < 5 and abs(x.mean()) < 0.3
+
+
+def test_stream_choice_is_distinct_and_uniform():
+    counts = np.zeros(6, dtype=np.int64)
+    for seed in range(3000):
+        picked = Stream("task", "train", seed).choice(6, 3)
+        assert len(set(picked.tolist())) == 3 and picked.min() >= 0 and picked.max() < 6
+        counts[picked] += 1
+    # 9000 picks of 6 items: 1500 each, standard deviation ~35; 6 sigma
+    assert np.abs(counts - 1500).max() < 210, counts
+    assert sorted(Stream("x").choice(20, 20).tolist()) == list(range(20))
+    assert sorted(permutation(50, "k").tolist()) == list(range(50))
+    with pytest.raises(ValueError, match="distinct"):
+        Stream("x").choice(3, 4)
+
+
+def test_tasks_and_seeds_are_pinned_across_library_versions():
+    """Values the owned streams gave when they were introduced; a change here changes every run's tasks."""
+    assert tasks.iteration_seeds(0, 0, 3) == [4697316251317870223, 5709541645184528364, 2316495257557676127]
+    t = tasks.task_sampler(TaskConfig(kind="sinusoid", shots=2, query=1), "train").sample(0)
+    assert t.support_x.flatten().tolist() == [4.862092018127441, 0.21111273765563965]
+    assert t.query_x.flatten().tolist() == [-0.3289549946784973]
+    assert Stream("task", "train", 0).choice(4112, 5).tolist() == [3600, 3261, 4055, 2144, 1922]  # Omniglot's classes
+
+
 # --- task seeds -----------------------------------------------------------------------------------
 
 
@@ -125,27 +174,49 @@ def test_iteration_seeds():
 
 
 def test_omniglot_standard_split_characters(omniglot):
-    parts = {split: tasks._omniglot_characters("standard", split) for split in tasks.SPLITS}
+    parts = {split: splits.omniglot_characters("standard", split) for split in TASK_SPLITS}
     assert {k: len(v) for k, v in parts.items()} == {"train": 1028, "val": 172, "test": 423}
     for split, chars in parts.items():
         assert len(set(chars.tolist())) == len(chars)
-        assert tasks.num_classes(TaskConfig(kind="omniglot", split="standard"), split) == 4 * len(chars)
+        assert splits.split_sizes(TaskConfig(kind="omniglot", split="standard"))[split] == 4 * len(chars)
     assert sorted(np.concatenate(list(parts.values())).tolist()) == list(range(len(omniglot))) == list(range(1623))
     # Both the background and the evaluation alphabets are in meta-test (the split is a permutation of all).
     test_names = {omniglot.names[c].split("/")[0] for c in parts["test"]}
     assert test_names == {"background", "evaluation"}
 
 
+# SHA-256 of the splits (json, sorted keys) as np.random.default_rng(0).permutation made them under NumPy 2.4,
+# the code that measured docs/results.md; computed from that code before the splits were shipped as data.
+PUBLISHED_OMNIGLOT_SPLITS = "cb93d7b5786cab936ee40f4d5a7d4665519594deceaa85437b59d3e8d5bb846a"
+
+
+def test_omniglot_splits_are_the_shipped_ones_of_the_published_results():
+    shipped = json.loads(splits.OMNIGLOT_SPLITS_FILE.read_text())
+    canonical = {scheme: shipped[scheme] for scheme in ("standard", "background")}
+    assert hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest() == PUBLISHED_OMNIGLOT_SPLITS
+    for scheme in ("standard", "background"):
+        for split in TASK_SPLITS:
+            assert splits.omniglot_characters(scheme, split).tolist() == shipped[scheme][split]
+
+
+def test_folder_split_is_an_owned_sha256_permutation():
+    """Sorted by SHA-256 of ("folder-split", index), cut 15% test, 15% val, the rest train: documented, stable."""
+    count = 40
+    order = sorted(range(count), key=lambda i: hashlib.sha256(f"folder-split:{i}".encode()).digest())
+    expected = {"test": sorted(order[:6]), "val": sorted(order[6:12]), "train": sorted(order[12:])}
+    assert {split: splits.folder_classes(count, split).tolist() for split in TASK_SPLITS} == expected
+
+
 def test_omniglot_background_split_characters(omniglot):
-    parts = {split: tasks._omniglot_characters("background", split) for split in tasks.SPLITS}
+    parts = {split: splits.omniglot_characters("background", split) for split in TASK_SPLITS}
     evaluation = [c for c, name in enumerate(omniglot.names) if name.startswith("evaluation/")]
     assert parts["test"].tolist() == evaluation and len(evaluation) == 659
     background = sorted(parts["train"].tolist() + parts["val"].tolist())
     assert background == [c for c, name in enumerate(omniglot.names) if name.startswith("background/")]
     assert len(parts["val"]) == 100 and set(parts["train"].tolist()).isdisjoint(parts["val"].tolist())
     config = TaskConfig(kind="omniglot", split="background")
-    assert [tasks.num_classes(config, s) for s in tasks.SPLITS] == [864 * 4, 100 * 4, 659 * 4]
-    assert tasks.images_per_class(config) == 20
+    assert [splits.split_sizes(config)[s] for s in TASK_SPLITS] == [864 * 4, 100 * 4, 659 * 4]
+    assert splits.images_per_class(config) == 20
 
 
 @pytest.mark.parametrize(("ways", "shots", "query"), [(5, 1, 3), (20, 5, 15)])
@@ -169,7 +240,7 @@ def test_omniglot_task_images_come_from_one_rotated_character_of_the_split(omnig
     """Each label's images are distinct images of one (character, rotation) of the split; all rotations occur."""
     split = "test"
     where = {}  # image bytes -> {(character, rotation, image index)} over the split's characters only
-    for c in tasks._omniglot_characters("standard", split):
+    for c in splits.omniglot_characters("standard", split):
         for i, image in enumerate(omniglot.class_images(c)):
             for r in range(4):
                 where.setdefault(np.rot90(image, k=r).tobytes(), set()).add((int(c), r, i))
@@ -197,7 +268,7 @@ def test_omniglot_seed_contract(omniglot_env):
     assert_same_task(a.sample(11), a.sample(11))
     assert_same_task(a.sample(11), b.sample(11))
     assert_different_tasks(a.sample(11), a.sample(12))
-    samples = [tasks.task_sampler(OMNIGLOT, split).sample(11) for split in tasks.SPLITS]
+    samples = [tasks.task_sampler(OMNIGLOT, split).sample(11) for split in TASK_SPLITS]
     for i in range(3):
         for j in range(i + 1, 3):
             assert_different_tasks(samples[i], samples[j])
@@ -250,12 +321,12 @@ def test_folder_classes_and_images_per_class(tmp_path, monkeypatch):
     counts = {f"class{c:02d}": 4 + c % 3 for c in range(10)}  # 4, 5 or 6 images each
     root = image_folder(tmp_path / "mine", counts)
     config = TaskConfig(kind="folder", data=str(root), ways=2, shots=1, query=2)
-    sizes = {split: tasks.num_classes(config, split) for split in tasks.SPLITS}
+    sizes = {split: splits.split_sizes(config)[split] for split in TASK_SPLITS}
     assert sizes == {"train": 6, "val": 2, "test": 2}
-    assert tasks.images_per_class(config) == 4
+    assert splits.images_per_class(config) == 4
 
     chosen = {}
-    for split in tasks.SPLITS:
+    for split in TASK_SPLITS:
         sampler = tasks.task_sampler(config, split)
         assert sampler.num_classes == sizes[split]
         chosen[split] = set(sampler.classes.tolist())
@@ -267,7 +338,7 @@ def test_folder_classes_and_images_per_class(tmp_path, monkeypatch):
 
 
 def test_folder_ignores_hidden_folders_and_other_files(tmp_path, monkeypatch):
-    """What num_classes/images_per_class count (to check a config) is what the sampler loads."""
+    """What split_sizes/images_per_class count (to check a config) is what the sampler loads."""
     monkeypatch.setenv("METAPLATFORM_CACHE", str(tmp_path / "cache"))
     root = image_folder(tmp_path / "mine", {f"c{c}": 3 for c in range(7)})
     (root / ".thumbnails").mkdir()  # ignored by load_image_folder
@@ -275,19 +346,19 @@ def test_folder_ignores_hidden_folders_and_other_files(tmp_path, monkeypatch):
     (root / "c0" / ".DS_Store").write_bytes(b"junk")
     (root / "README.txt").write_text("ignored")
     config = TaskConfig(kind="folder", data=str(root))
-    assert tasks.images_per_class(config) == 3
-    for split in tasks.SPLITS:
-        assert tasks.num_classes(config, split) == tasks.task_sampler(config, split).num_classes
-    assert sum(tasks.num_classes(config, s) for s in tasks.SPLITS) == 7
+    assert splits.images_per_class(config) == 3
+    for split in TASK_SPLITS:
+        assert splits.split_sizes(config)[split] == tasks.task_sampler(config, split).num_classes
+    assert sum(splits.split_sizes(config).values()) == 7
 
 
 def test_folder_and_sinusoid_errors(tmp_path):
     from platform.data import DataError
 
     with pytest.raises(DataError, match="needs task.data"):
-        tasks.num_classes(TaskConfig(kind="folder"), "train")
+        splits.split_sizes(TaskConfig(kind="folder"))
     with pytest.raises(DataError, match="no such folder"):
-        tasks.num_classes(TaskConfig(kind="folder", data=str(tmp_path / "absent")), "train")
+        splits.split_sizes(TaskConfig(kind="folder", data=str(tmp_path / "absent")))
     with pytest.raises(ValueError, match="no classes"):
-        tasks.num_classes(SINUSOID, "train")
-    assert tasks.images_per_class(SINUSOID) is None
+        splits.split_sizes(SINUSOID)
+    assert splits.images_per_class(SINUSOID) is None

@@ -24,7 +24,8 @@ from mlflow import MlflowClient
 
 from platform.checkpoint import CheckpointStore
 from platform.config import RunConfig
-from platform.tracking import trained_model
+from platform.driver import IterationRecord
+from platform.learner import load_learner
 
 ITERATIONS = 200
 BASE = [
@@ -95,13 +96,16 @@ def test_the_embedded_default_needs_no_server(ray_cluster, tmp_path):
         Path(client.download_artifacts(run.info.run_id, "evaluation/evaluation.json", str(tmp_path))).read_text()
     )
     assert report["iteration"] == ITERATIONS and report["tasks"] == 50
-    # The model loads back and computes what the checkpoint's parameters compute.
+    # The model loads back and adapts as the checkpoint does.
     mlflow.set_tracking_uri(store)
-    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
     state = CheckpointStore(location).load()
-    x = torch.linspace(-5, 5, 7).unsqueeze(1)
-    expected = trained_model(RunConfig.model_validate(state["config"]), state["params"])(x)
-    assert torch.allclose(model(x), expected, atol=1e-6)
+    x, y = torch.linspace(-5, 5, 10).unsqueeze(1), torch.sin(torch.linspace(-5, 5, 10)).unsqueeze(1)
+    query = torch.linspace(-4, 4, 7).unsqueeze(1)
+    served = load_learner(f"runs:/{run.info.run_id}/model").adapt(x, y).predict(query)
+    expected = load_learner(location).adapt(x, y).predict(query)
+    assert np.allclose(served, expected, atol=1e-6) and all(
+        torch.equal(v, state["params"][k]) for k, v in load_learner(f"runs:/{run.info.run_id}/model").params.items()
+    )
     # No spool is left once everything was delivered.
     assert not (location / "mlflow-spool").exists()
 
@@ -226,7 +230,7 @@ def test_metric_values_are_the_records(server_run, mlflow_server):
     assert all(np.isclose(logged[r["iteration"]], r["loss"]) for r in history if r["iteration"] in logged)
 
 
-def start_tracker(mlflow_server, location, context: dict, *overrides: str, said: list):
+def start_tracker(mlflow_server, location, context: dict, *overrides: str, said: list, saved: dict | None = None):
     """An MlflowTracker started in this process (no training), tracking to the server."""
     from platform.config import load_config
     from platform.tracking import MlflowTracker
@@ -234,8 +238,15 @@ def start_tracker(mlflow_server, location, context: dict, *overrides: str, said:
     uri = f"tracking.uri={mlflow_server.url}"
     config = load_config(None, [*BASE, f"checkpoint.dir={location}", uri, "tracking.experiment=restarts", *overrides])
     tracker = MlflowTracker(report=said.append)
-    tracker.on_start(config, context, {})
+    tracker.on_start(config, context, saved or {})
     return tracker
+
+
+def record(iteration: int, **values) -> IterationRecord:
+    """An iteration's record as train() makes it: zeros but for `values`."""
+    return IterationRecord(
+        **dict.fromkeys(IterationRecord.__dataclass_fields__, 0) | {"val": None} | values | {"iteration": iteration}
+    )
 
 
 def run_with_key(mlflow_server, key: str):
@@ -276,10 +287,40 @@ def test_steps_sent_again_only_on_a_branch(mlflow_server, tmp_path, branched):
         context = {"run_key": key, "resumed_from": resumed_from, "branched": branched and resumed_from is not None}
         tracker = start_tracker(mlflow_server, tmp_path, context, said=said)
         for step in steps:
-            tracker.on_validation({"iteration": step, "val": val})
+            tracker.on_validation(record(step, val=val))
         assert tracker.delivery.flush(30)
         tracker.delivery.close()  # killed: no on_end, the spool stays
     assert said == []
     client, run = run_with_key(mlflow_server, key)
     logged = [m.step for m in sorted(client.get_metric_history(run.info.run_id, "val/mse"), key=lambda m: m.timestamp)]
     assert logged == ([10, 20, 30, 40, 30, 40] if branched else [10, 20, 30, 40])
+
+
+def test_resuming_into_a_store_without_the_run_starts_a_run_that_continues_it(mlflow_server, tmp_path):
+    """The checkpoint names a run the tracking store does not hold (another embedded store, a rebuilt
+    server): a new run gets the records, tagged with the id it continues, and nothing is refused."""
+    said, lost = [], "0123456789abcdef0123456789abcdef"
+    context = {"run_key": "from-elsewhere", "resumed_from": 20}
+    tracker = start_tracker(mlflow_server, tmp_path, context, said=said, saved={"run_id": lost})
+    tracker.on_validation(record(30, val={"loss": 1.0, "loss_ci95": 0.1, "loss_before": 2.0}))
+    tracker.on_end("FINISHED", None)
+    client, run = run_with_key(mlflow_server, "from-elsewhere")
+    assert run.info.run_id != lost and run.data.tags["metaplatform.continues_run"] == lost
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/mse")] == [30]
+    assert said == [f"MLflow run {lost} is not in {mlflow_server.url}; a new run continues it"]
+
+
+def test_a_full_disk_under_the_spool_only_warns_once(mlflow_server, tmp_path):
+    """Every record the spool cannot write (here /dev/full: ENOSPC) is lost to tracking, and said
+    once; the observer never raises into the training loop."""
+    said = []
+    tracker = start_tracker(mlflow_server, tmp_path, {"run_key": "full-disk"}, said=said)
+    assert tracker.delivery.flush(30)
+    records = tracker.spool.folder / "records.jsonl"
+    records.unlink()
+    records.symlink_to("/dev/full")
+    for iteration in range(10, 60, 10):
+        tracker.on_iteration(record(iteration, seconds=1.0, tasks=10, loss=0.5))
+    tracker.on_checkpoint("somewhere", 50, lambda: "somewhere")
+    tracker.delivery.close()
+    assert len(said) == 1 and "cannot write the tracking spool" in said[0] and "training goes on" in said[0], said

@@ -7,6 +7,7 @@ A trial here reserves 2 CPUs (its driver and one actor), so exactly two trials f
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from mlflow import MlflowClient
 
 from platform.checkpoint import CheckpointStore
 from platform.config import load_config
-from platform.tune import TrialReports, summarize
+from platform.sweep import TrialReports, summarize
 
 ITERATIONS = 40
 BASE = [
@@ -309,6 +310,12 @@ def test_a_sweep_in_s3_keeps_everything_there_and_resumes(ray_cluster, mlflow_se
     client = MlflowClient(mlflow_server.url)
     assert "best.yaml" in [a.path for a in client.list_artifacts(parent_of(out))]
     assert not (tmp_path / "unused").exists()  # nothing local
+    # The trials reached S3 with the driver's credentials, yet no file of the sweep holds them
+    # (Tune pickles its storage filesystem into tuner.pkl; --resume unpickles it).
+    s3 = boto3.client("s3")
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"].encode()
+    leaks = [k for k in keys if secret in s3.get_object(Bucket=s3_bucket, Key=k)["Body"].read()]
+    assert any(k.endswith("tuner.pkl") for k in keys) and leaks == [], leaks
 
     again = finish(start_tune(ray_cluster, tmp_path / "unused", *args, "--resume", uri=mlflow_server.url), 600)
     assert f"resuming the sweep from {location}/tune" in again and parent_of(again) == parent_of(out)

@@ -1,0 +1,81 @@
+"""Class splits: which classes meta-training, meta-validation and meta-test draw their tasks from.
+
+Needs no image and no torch, so checking a config (platform.config) can count a split's classes;
+tasks.py builds the samplers on the same functions, so what is checked is what is sampled.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from platform.data import DataError, list_image_folder
+from platform.streams import permutation
+
+if TYPE_CHECKING:  # for annotations only: platform.config imports this module
+    from platform.config import TaskConfig
+
+TASK_SPLITS = ("train", "val", "test")
+OMNIGLOT_IMAGES_PER_CLASS = 20
+ROTATIONS = 4  # 0/90/180/270 degrees: each rotation of an Omniglot character is a class of its own
+# Omniglot's splits as shipped data (how they were made: its "about"); docs/results.md was measured on them.
+OMNIGLOT_SPLITS_FILE = Path(__file__).with_name("omniglot_splits.json")
+FOLDER_MIN_CLASSES = len(TASK_SPLITS)  # one class each at least
+_FOLDER_VAL = _FOLDER_TEST = 0.15
+
+
+def omniglot_characters(scheme: str, split: str) -> np.ndarray:
+    """Indices (into load_omniglot()'s classes, sorted) of the characters of one split of a scheme.
+
+    standard: 1028 train + 172 val (the usual 1200, as in Vinyals et al.) and 423 test characters of
+    all 1623; background: the background alphabets less 100 validation characters, test = evaluation.
+    """
+    return np.asarray(_omniglot_splits()[scheme][split], dtype=np.int64)
+
+
+def folder_classes(count: int, split: str) -> np.ndarray:
+    """Indices (sorted) of the classes of one split of a folder of `count` classes: 70/15/15 by a fixed
+    SHA-256 permutation (platform.streams), the same on every machine and library version."""
+    order = permutation(count, "folder-split")  # changing the key changes every folder split
+    n_val, n_test = max(1, round(count * _FOLDER_VAL)), max(1, round(count * _FOLDER_TEST))
+    parts = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
+    return np.sort(parts[split])
+
+
+def folder_root(task: TaskConfig) -> Path:
+    if not task.data:
+        raise DataError("task.kind 'folder' needs task.data: a folder laid out as <root>/<class>/<image>")
+    return Path(task.data).expanduser()
+
+
+def split_sizes(task: TaskConfig) -> dict[str, int]:
+    """Classes in each split, without reading any image (lists a folder data set's files)."""
+    if task.kind == "omniglot":
+        return {split: len(omniglot_characters(task.split, split)) * ROTATIONS for split in TASK_SPLITS}
+    if task.kind == "folder":
+        count = len(list_image_folder(folder_root(task)))
+        if count < FOLDER_MIN_CLASSES:
+            raise DataError(
+                f"{folder_root(task)}: {count} class folder(s); a folder data set needs at least "
+                f"{FOLDER_MIN_CLASSES}, one each for meta-training, meta-validation and meta-test"
+            )
+        return {split: len(folder_classes(count, split)) for split in TASK_SPLITS}
+    raise ValueError("sinusoid tasks have no classes")
+
+
+def images_per_class(task: TaskConfig) -> int | None:
+    """The fewest images any class has (None for regression)."""
+    if task.kind == "omniglot":
+        return OMNIGLOT_IMAGES_PER_CLASS
+    if task.kind == "folder":
+        return min(len(files) for _, files in list_image_folder(folder_root(task)))
+    return None
+
+
+@functools.cache
+def _omniglot_splits() -> dict:
+    return json.loads(OMNIGLOT_SPLITS_FILE.read_text())
