@@ -7,7 +7,10 @@ logs, and then reads what the job left in MLflow. Steps pass ids and locations, 
 Every Ray job is found again in MLflow by two tags the step sets on it through overrides:
 `pipeline_run` (the KFP run) and `pipeline_step`. Ray submission ids are `<pipeline run>-<step>`,
 so a retried step follows the job it already started (or that finished) instead of running it
-twice; only a failed or stopped job is submitted again, under a new id.
+twice; only a failed or stopped job is submitted again, under a new id. Every job resumes what is in
+its folder (`--resume`, `checkpoint.resume=true`; a fresh folder starts from nothing), so a
+re-submitted job continues the failed one's sweep or training instead of being refused or
+starting over.
 """
 
 from __future__ import annotations
@@ -26,6 +29,12 @@ import yaml
 
 POLL_S = 2.0
 UNREACHABLE_S = 120.0
+# Ray's job client sets no timeout: a job server that accepts and never answers would hang the step.
+REQUEST_TIMEOUT_S = 30.0
+# What a stopped job's driver gets between SIGTERM and SIGKILL (Ray's default is 3 s); the driver
+# finishes its iteration and writes the final checkpoint in that time. The jobs' runtime_env may
+# set RAY_JOB_STOP_WAIT_TIME_S itself.
+STOP_WAIT_S = 120
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 # The meta-test metric of each kind of task, and whether higher is better.
 TEST_METRICS = {"test/accuracy": True, "test/loss": False}
@@ -48,29 +57,64 @@ def run_step(step, *args):
 
 
 def ray_client(address: str):
-    """A job client for `address` with the cluster's token ($RAY_AUTH_TOKEN, from the Secret on Kubernetes)."""
+    """A job client for `address` with the cluster's token ($RAY_AUTH_TOKEN, from the Secret on
+    Kubernetes) whose every request times out after REQUEST_TIMEOUT_S."""
     if os.environ.get("RAY_AUTH_TOKEN"):
-        os.environ.setdefault("RAY_AUTH_MODE", "token")  # read by Ray when the client is made
+        os.environ.setdefault("RAY_AUTH_MODE", "token")  # read by Ray when it is imported: hence the import here
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(address)
+    class BoundedClient(JobSubmissionClient):
+        def _do_request(self, method, endpoint, **kwargs):  # every request of the SDK goes through here
+            return super()._do_request(method, endpoint, timeout=kwargs.pop("timeout", REQUEST_TIMEOUT_S), **kwargs)
+
+    return _answered(address, BoundedClient, address)
+
+
+def _answered(address: str, call, *args, **kwargs):
+    """`call(*args, **kwargs)`, retried while the job server does not answer (a head pod restarting,
+    a request timing out), for up to UNREACHABLE_S; then a StepError."""
+    since = time.monotonic()
+    while True:
+        try:
+            return call(*args, **kwargs)
+        except OSError as e:  # requests' errors, timeouts included, are OSErrors
+            if time.monotonic() - since > UNREACHABLE_S:
+                raise StepError(
+                    f"the Ray job server at {address} did not answer for {UNREACHABLE_S:.0f} s: {e}"
+                ) from None
+            time.sleep(POLL_S)
+
+
+def job_runtime_env(runtime_env: dict | None) -> dict:
+    """The jobs' runtime_env: `runtime_env` with the driver's stop wait (RAY_JOB_STOP_WAIT_TIME_S,
+    read by Ray's job supervisor) unless it sets one."""
+    runtime_env = dict(runtime_env or {})
+    runtime_env["env_vars"] = {"RAY_JOB_STOP_WAIT_TIME_S": str(STOP_WAIT_S), **runtime_env.get("env_vars", {})}
+    return runtime_env
 
 
 def run_ray_job(address: str, entrypoint: list[str], submission_id: str, runtime_env: dict | None = None) -> str:
     """Submit (or follow again) a Ray job, print its logs as they come, and return its submission id.
 
     Raises StepError when the job fails or is stopped, with the job's last lines in the message.
-    Stops the job when this step is terminated (SIGTERM from Kubeflow, Ctrl-C here). A job server
-    that stops answering for a while (a head pod restarting) is waited for, up to UNREACHABLE_S.
+    Stops the job when this step is terminated (SIGTERM from Kubeflow, Ctrl-C here); its driver then
+    has STOP_WAIT_S to checkpoint. A job server that stops answering for a while (a head pod
+    restarting) is waited for, up to UNREACHABLE_S.
     """
     client = ray_client(address)
-    submission_id, existing = _resumable_id(client, submission_id)
+    submission_id, existing = _answered(address, _resumable_id, client, submission_id)
     command = shlex.join(entrypoint)
     if existing is not None:
         print(f"following Ray job {submission_id} (already submitted): {command}", flush=True)
     else:
         print(f"submitting Ray job {submission_id} to {address}: {command}", flush=True)
-        client.submit_job(entrypoint=command, submission_id=submission_id, runtime_env=runtime_env or None)
+        _answered(
+            address,
+            client.submit_job,
+            entrypoint=command,
+            submission_id=submission_id,
+            runtime_env=job_runtime_env(runtime_env),
+        )
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     printed, logs, unreachable_since = 0, "", None
     try:
@@ -93,7 +137,10 @@ def run_ray_job(address: str, entrypoint: list[str], submission_id: str, runtime
                 break
             time.sleep(POLL_S)
     except KeyboardInterrupt:
-        client.stop_job(submission_id)
+        try:
+            client.stop_job(submission_id)
+        except (RuntimeError, OSError) as e:
+            raise StepError(f"the step was terminated, and stopping Ray job {submission_id} failed: {e}") from None
         raise StepError(f"Ray job {submission_id} stopped: the step was terminated") from None
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -142,6 +189,28 @@ def platform_command(command: str, config: str, overrides: list[str], extra: lis
     return ["python", "-m", f"platform.{command}", "--config", config, *options, *overrides, *extra, *tracking]
 
 
+def tune_command(config: str, overrides: list[str], samples: int, scheduler: str, iterations: int, storage: str,
+                 pipeline_run: str, mlflow_uri: str, experiment: str) -> list[str]:  # fmt: skip
+    """The tune job's command: the sweep in `<storage>/<pipeline run>/sweep`, continued if it is there
+    (`--resume`: a re-submitted job would otherwise be refused by the first attempt's sweep.json)."""
+    extra = [f"optim.iterations={iterations}", f"checkpoint.dir={storage.rstrip('/')}/{pipeline_run}/sweep"]
+    options = ["--samples", str(samples), "--scheduler", scheduler, "--resume"]
+    return platform_command("tune", config, overrides, extra, "tune", pipeline_run, mlflow_uri, experiment, options)
+
+
+def train_folder(storage: str, pipeline_run: str) -> str:
+    return f"{storage.rstrip('/')}/{pipeline_run}/train"
+
+
+def train_command(config: str, overrides: list[str], best_overrides: list[str], iterations: int, storage: str,
+                  pipeline_run: str, mlflow_uri: str, experiment: str) -> list[str]:  # fmt: skip
+    """The train job's command: checkpoints in `<storage>/<pipeline run>/train`, resumed from the
+    newest one there (a re-submitted job continues the failed one's training, not from iteration 0)."""
+    folder = train_folder(storage, pipeline_run)
+    extra = [*best_overrides, f"optim.iterations={iterations}", f"checkpoint.dir={folder}", "checkpoint.resume=true"]
+    return platform_command("train", config, overrides, extra, "train", pipeline_run, mlflow_uri, experiment)
+
+
 # -- MLflow -----------------------------------------------------------------------------------------
 
 
@@ -183,9 +252,8 @@ def tune(ray_address: str, mlflow_uri: str, experiment: str, config: str, overri
     """Run a sweep; write the best trial's config to `best_config_path`.
 
     Returns the sweep's MLflow parent run id and the best trial's hyperparameters as overrides."""
-    extra = [f"optim.iterations={iterations}", f"checkpoint.dir={storage.rstrip('/')}/{pipeline_run}/sweep"]
-    options = ["--samples", str(samples), "--scheduler", scheduler]
-    command = platform_command("tune", config, overrides, extra, "tune", pipeline_run, mlflow_uri, experiment, options)
+    command = tune_command(config, overrides, samples, scheduler, iterations, storage, pipeline_run, mlflow_uri,
+                           experiment)  # fmt: skip
     run_ray_job(ray_address, command, f"{pipeline_run}-tune", runtime_env)
     client = mlflow_client(mlflow_uri)
     sweep = find_run(client, experiment, pipeline_run, "tune")
@@ -205,12 +273,11 @@ def train(ray_address: str, mlflow_uri: str, experiment: str, config: str, overr
           best_overrides: list[str], iterations: int, storage: str, runtime_env: dict,
           pipeline_run: str) -> tuple[str, str]:  # fmt: skip
     """Train the best config for the full budget; returns its MLflow run id and final checkpoint."""
-    folder = f"{storage.rstrip('/')}/{pipeline_run}/train"
-    extra = [*best_overrides, f"optim.iterations={iterations}", f"checkpoint.dir={folder}"]
-    command = platform_command("train", config, overrides, extra, "train", pipeline_run, mlflow_uri, experiment)
+    command = train_command(config, overrides, best_overrides, iterations, storage, pipeline_run, mlflow_uri,
+                            experiment)  # fmt: skip
     run_ray_job(ray_address, command, f"{pipeline_run}-train", runtime_env)
     run = find_run(mlflow_client(mlflow_uri), experiment, pipeline_run, "train")
-    checkpoint = run.data.tags.get("checkpoint.final") or folder
+    checkpoint = run.data.tags.get("checkpoint.final") or train_folder(storage, pipeline_run)
     print(f"trained: MLflow run {run.info.run_id}, checkpoint {checkpoint}")
     return run.info.run_id, checkpoint
 
@@ -243,13 +310,33 @@ def evaluate(ray_address: str, mlflow_uri: str, run_id: str, checkpoint: str, ta
     return metrics, beats
 
 
-def compare_with_champion(client, metric: str, value: float, name: str, alias: str) -> tuple[bool, str]:
-    """Whether `value` of `metric` beats the model version holding `alias` of registered model `name`."""
-    from mlflow.exceptions import MlflowException
+def champion_version(client, name: str, alias: str):
+    """The version of registered model `name` holding `alias`, or None when there is none (no such
+    registered model, or no version with that alias). Anything else (a network error, a 403) is a
+    StepError: taken for "no champion", it would promote any model."""
+    from mlflow.exceptions import MlflowException  # mlflow's import takes seconds: only in the steps that use it
+
+    def unreadable(e: Exception) -> StepError:
+        return StepError(f"cannot read the champion (alias {alias!r} of {name!r}) from MLflow: {e}")
 
     try:
-        champion = client.get_model_version_by_alias(name, alias)
-    except MlflowException:
+        model = client.get_registered_model(name)
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None  # no such registered model yet
+        raise unreadable(e) from None
+    if alias not in model.aliases:
+        return None
+    try:
+        return client.get_model_version(name, model.aliases[alias])
+    except MlflowException as e:
+        raise unreadable(e) from None
+
+
+def compare_with_champion(client, metric: str, value: float, name: str, alias: str) -> tuple[bool, str]:
+    """Whether `value` of `metric` beats the model version holding `alias` of registered model `name`."""
+    champion = champion_version(client, name, alias)
+    if champion is None:
         return True, f"no version of {name!r} holds the alias {alias!r} yet"
     held = meta_test_result(client, champion.run_id) if champion.run_id else None
     if held is None or held[0] != metric:

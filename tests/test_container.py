@@ -313,6 +313,7 @@ def test_chart_mlflow_pod_runs_in_the_image(image, tmp_path, postgres, s3_server
 
     port = _free_ports(1)[0]
     values = {
+        "generateSecrets": True,
         "s3": {"endpoint": s3_server, "existingSecret": "s3-credentials"},
         "mlflow": {
             "port": port,

@@ -1,14 +1,16 @@
 """The Helm chart (helm/metaplatform): everything that can be checked without a cluster, with a real
 helm v4 (tests/deploy_tools.py), and the commands it renders run for real.
 
-Each values set is rendered once per session (`rendered`): the defaults and every file in the
-chart's ci/ folder (GPU workers, RayJobs on their own and the shared cluster, an external
-database, auth on, a minimal install).
+Each values set is rendered once per session (`rendered`): every file in the chart's ci/ folder
+(the defaults with generated Secrets, GPU workers, RayJobs on their own and the shared cluster, an
+external database with every Secret named, auth on, a minimal install).
 """
 
 from __future__ import annotations
 
 import base64
+import functools
+import ipaddress
 import json
 import os
 import re
@@ -34,6 +36,7 @@ from deploy_tools import (
     container_env,
     find,
     helm,
+    host_command,
     kuberay_problems,
     one,
     pod_specs,
@@ -44,9 +47,10 @@ from deploy_tools import (
 )
 
 CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
-VALUE_SETS = {"default": [], **{f.stem: [f] for f in CI_VALUES}}
+VALUE_SETS = {f.stem: [f] for f in CI_VALUES}  # "default": the defaults plus generateSecrets
 RELEASE, NAMESPACE = "mp", "ml"
 FULLNAME = f"{RELEASE}-metaplatform"
+GENERATE = {"generateSecrets": True}  # the chart refuses to make Secrets without this choice
 
 
 @pytest.fixture(scope="session")
@@ -60,7 +64,9 @@ def crd_schemas() -> CrdSchemas:
 
 
 def test_ci_values_files_are_there():
-    assert {"gpu-workers", "rayjob-own-cluster", "external-database", "auth-on", "minimal"} <= set(VALUE_SETS)
+    assert {"default", "gpu-workers", "rayjob-own-cluster", "external-database", "auth-on", "minimal"} <= set(
+        VALUE_SETS
+    )
 
 
 @pytest.mark.parametrize("values", VALUE_SETS)
@@ -177,7 +183,7 @@ def test_bad_values_are_rejected(case, tmp_path):
     ],
 )
 def test_combinations_kuberay_refuses_fail_at_render_time(values, message, tmp_path):
-    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(values))
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**values, **GENERATE}))
     result = helm(*template_args([tmp_path / "bad.yaml"], release=RELEASE, namespace=NAMESPACE))
     assert result.returncode != 0 and message in result.stderr, result.stderr
 
@@ -239,12 +245,45 @@ def test_ray_token_secret(rendered):
     secret = one(rendered["default"], "Secret", f"{FULLNAME}-ray-auth")
     token = base64.b64decode(secret["data"]["auth_token"]).decode()
     assert re.fullmatch(r"[A-Za-z0-9]{64}", token)
-    again = one(render(release=RELEASE, namespace=NAMESPACE), "Secret", f"{FULLNAME}-ray-auth")
+    again = one(render(set_values=GENERATE, release=RELEASE, namespace=NAMESPACE), "Secret", f"{FULLNAME}-ray-auth")
     assert base64.b64decode(again["data"]["auth_token"]).decode() != token
     assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     # An existing Secret is used as it is: none is generated.
     assert not find(rendered["auth-on"], "Secret", f"{FULLNAME}-ray-auth")
     assert one(rendered["auth-on"], "RayCluster")["spec"]["authOptions"]["secretName"] == "ray-token"
+
+
+def test_secrets_are_named_or_generated_by_choice():
+    """Without generateSecrets the chart makes no Secret: it refuses to render, naming every value
+    to set. With every Secret named it renders none, and two renders are identical (Argo CD's
+    renders change nothing), every pod referring to the named Secrets."""
+    auth = {"mlflow": {"auth": {"enabled": True}}}
+    refused = helm(*template_args(set_values=auth, release=RELEASE, namespace=NAMESPACE))
+    assert refused.returncode != 0
+    for needed in ("ray.auth.existingSecret (key auth_token)", "postgresql.existingSecret (key password)",
+                   "mlflow.auth.existingSecret (keys username, password)",
+                   "mlflow.auth.existingServerSecret (key flask-secret-key)", "generateSecrets=true"):  # fmt: skip
+        assert needed in refused.stderr, refused.stderr
+    named = {
+        "ray": {"auth": {"existingSecret": "ray-token"}},
+        "postgresql": {"existingSecret": "pg"},
+        "mlflow": {"auth": {"enabled": True, "existingSecret": "admin", "existingServerSecret": "key"}},
+        "jobs": [JOB],
+    }
+    first, second = (helm(*template_args(set_values=named, release=RELEASE, namespace=NAMESPACE)) for _ in range(2))
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout
+    objects = [doc for doc in yaml.safe_load_all(first.stdout) if doc]
+    assert not find(objects, "Secret")
+    refs = {
+        var["valueFrom"]["secretKeyRef"]["name"]
+        for _, _, spec in pod_specs(objects)
+        for c in [*spec["containers"], *spec.get("initContainers", [])]
+        for var in c.get("env", [])
+        if "secretKeyRef" in var.get("valueFrom", {})
+    }
+    assert refs == {"ray-token", "pg", "admin", "key"}
+    assert {o["spec"]["authOptions"]["secretName"] for o in find(objects, "RayCluster")} == {"ray-token"}
 
 
 # -- RayJobs --------------------------------------------------------------------------------------
@@ -293,7 +332,7 @@ def test_rayjobs(rendered):
 
 def test_no_tracking_server_no_tracking(tmp_path):
     """Without MLflow in the chart or an external URI, jobs run with tracking off (no URI in the pods)."""
-    (tmp_path / "v.yaml").write_text(yaml.safe_dump({"mlflow": {"enabled": False}, "jobs": [JOB]}))
+    (tmp_path / "v.yaml").write_text(yaml.safe_dump({"mlflow": {"enabled": False}, "jobs": [JOB], **GENERATE}))
     job = one(render([tmp_path / "v.yaml"], release=RELEASE, namespace=NAMESPACE), "RayJob")["spec"]
     argv = shlex.split(job["entrypoint"])
     assert "tracking.mlflow=false" in argv and not any(a.startswith("tracking.experiment=") for a in argv)
@@ -305,7 +344,7 @@ def test_no_tracking_server_no_tracking(tmp_path):
 def test_entrypoint_quoting_survives_a_shell(tmp_path):
     """Overrides with spaces, quotes and $ reach the command as written (the entrypoint runs in sh)."""
     tricky = ["task.data=/data/my set", "checkpoint.dir=it's", 'seed=$HOME "x"']
-    (tmp_path / "v.yaml").write_text(yaml.safe_dump({"jobs": [{**JOB, "overrides": tricky}]}))
+    (tmp_path / "v.yaml").write_text(yaml.safe_dump({"jobs": [{**JOB, "overrides": tricky}], **GENERATE}))
     job = one(render([tmp_path / "v.yaml"], release=RELEASE, namespace=NAMESPACE), "RayJob")
     # `python` replaced by a shell function that prints its arguments, one a line.
     argv = subprocess.run(
@@ -315,6 +354,79 @@ def test_entrypoint_quoting_survives_a_shell(tmp_path):
         text=True,
     ).stdout.splitlines()
     assert argv[-3:] == tricky
+
+
+def _head(cluster_spec: dict) -> dict:
+    return cluster_spec["headGroupSpec"]["template"]["spec"]
+
+
+def test_stopped_drivers_get_the_stop_wait():
+    """Every Ray container gets RAY_JOB_STOP_WAIT_TIME_S (ray.jobStopWaitSeconds), and head pods a
+    grace period beyond it, for the preStop hook that stops their jobs."""
+    for stop_wait, ray in ((120, {}), (300, {"ray": {"jobStopWaitSeconds": 300}})):
+        objects = render(set_values={**GENERATE, **ray, "jobs": [JOB]}, release=RELEASE, namespace=NAMESPACE)
+        clusters = [o["spec"] for o in find(objects, "RayCluster")] + [
+            j["spec"]["rayClusterSpec"] for j in find(objects, "RayJob")
+        ]
+        assert len(clusters) == 2
+        for where, _, spec in pod_specs(objects):
+            if "submitter" in where or not where.startswith(("RayCluster", "RayJob")):
+                continue
+            env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
+            assert env["RAY_JOB_STOP_WAIT_TIME_S"] == str(stop_wait), where
+        for cluster in clusters:
+            assert _head(cluster)["terminationGracePeriodSeconds"] == stop_wait + 30
+            assert _head(cluster)["containers"][0]["lifecycle"]["preStop"]["exec"]["command"][:2] == ["python", "-c"]
+
+
+# A driver that needs 5 s after SIGTERM to finish (more than Ray's default 3 s before SIGKILL): it
+# touches `<dir>/running` when it runs and writes "done" into `<dir>/done` once it has finished.
+SLOW_TO_STOP = """
+import pathlib, signal, sys, time
+folder = pathlib.Path(sys.argv[1])
+def stop(*_):
+    time.sleep(5)
+    (folder / 'done').write_text('done')
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+(folder / 'running').touch()
+time.sleep(600)
+"""  # no double quotes: `ray job submit` quotes the entrypoint's words with them
+
+
+def test_the_head_s_prestop_hook_stops_the_jobs_and_waits_for_their_drivers(tmp_path, ray_cluster):
+    """The head container's rendered preStop command, run against the tests' Ray head while a job
+    runs, stops the job and returns only once its driver has finished (5 s after SIGTERM, past
+    Ray's default 3 s): the rendered stop wait reached the job supervisor. Emulated: the head pod's
+    environment reaches the supervisor as the job's env_vars (in the pod, through `ray start`), and
+    the job API is on the tests' port instead of the pod's 8265."""
+    objects = render(set_values=GENERATE, release=RELEASE, namespace=NAMESPACE)
+    head = _head(one(objects, "RayCluster")["spec"])["containers"][0]
+    env = container_env(head, secret_data(objects))
+    runtime_env = {"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": env["RAY_JOB_STOP_WAIT_TIME_S"]}}
+    client_env = ray_cluster.subprocess_env(
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
+    )
+    submit = [
+        "ray", "job", "submit", "--no-wait", "--address", ray_cluster.dashboard_url,
+        "--submission-id", f"prestop-{uuid.uuid4().hex[:8]}", "--runtime-env-json", json.dumps(runtime_env),
+        "--", "python", "-c", SLOW_TO_STOP, str(tmp_path),
+    ]  # fmt: skip
+    subprocess.run(submit, check=True, env=client_env, capture_output=True, timeout=60)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "running").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert (tmp_path / "running").exists(), "the job never started"
+    command = [
+        a.replace("http://127.0.0.1:8265", ray_cluster.dashboard_url)
+        for a in head["lifecycle"]["preStop"]["exec"]["command"]
+    ]
+    result = subprocess.run(
+        host_command(command), check=False, env=client_env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "0 still running" in result.stdout
+    assert (tmp_path / "done").read_text() == "done", "the driver was killed before it had finished"
 
 
 # -- MLflow and PostgreSQL -----------------------------------------------------------------------
@@ -417,13 +529,13 @@ def test_grafana_dashboards(tmp_path):
     chart = tmp_path / "metaplatform"
     shutil.copytree(CHART, chart)
     shutil.rmtree(chart / "dashboards", ignore_errors=True)
-    assert not find(render(chart=chart), "ConfigMap")
+    assert not find(render(set_values=GENERATE, chart=chart), "ConfigMap")
 
     (chart / "dashboards").mkdir()
     board = {"title": "metaplatform", "panels": [{"type": "timeseries", "targets": [{"expr": "metaplatform_loss"}]}]}
     (chart / "dashboards" / "metaplatform.json").write_text(json.dumps(board, indent=2))
     (chart / "dashboards" / "Ray_Nodes.json").write_text(json.dumps({"title": "ray"}))
-    maps = find(render(chart=chart, release=RELEASE, namespace=NAMESPACE), "ConfigMap")
+    maps = find(render(set_values=GENERATE, chart=chart, release=RELEASE, namespace=NAMESPACE), "ConfigMap")
     assert sorted(m["metadata"]["name"] for m in maps) == [
         f"{FULLNAME}-dashboard-metaplatform",
         f"{FULLNAME}-dashboard-ray-nodes",
@@ -454,6 +566,8 @@ def test_pods_run_locked_down(values, rendered):
     pods = pod_specs(rendered[values])
     assert pods
     for where, _, spec in pods:
+        # No pod mounts its service-account token: job drivers run in the head pods.
+        assert spec["automountServiceAccountToken"] is False, where
         assert spec["securityContext"]["runAsNonRoot"] is True, where
         assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, where
         for c in [*spec["containers"], *spec.get("initContainers", [])]:
@@ -467,6 +581,28 @@ def test_pods_run_locked_down(values, rendered):
                 # Secret material only by reference; the one URI built from parts holds a $(reference).
                 if SENSITIVE.search(var["name"]) and "value" in var and var["name"] != "MLFLOW_TRACKING_URI":
                     assert "$(" in var["value"], (where, var)
+
+
+def test_only_the_autoscaler_gets_the_head_pod_s_token(rendered):
+    """With the in-tree autoscaler (which scales the worker groups through the Kubernetes API), the
+    head pod's token is a projected volume mounted into the autoscaler container alone."""
+    token = "/var/run/secrets/kubernetes.io/serviceaccount"
+    for values in ("default", "minimal"):
+        for obj in find(rendered[values], "RayCluster") + find(rendered[values], "RayJob"):
+            cluster = obj["spec"] if obj["kind"] == "RayCluster" else obj["spec"].get("rayClusterSpec")
+            if not cluster:
+                continue
+            head = _head(cluster)
+            volumes = {v["name"]: v for v in head["volumes"]}
+            for c in head["containers"]:
+                assert token not in {m["mountPath"] for m in c.get("volumeMounts", [])}, c["name"]
+            if cluster["enableInTreeAutoscaling"]:
+                (mount,) = [m for m in cluster["autoscalerOptions"]["volumeMounts"] if m["mountPath"] == token]
+                sources = volumes[mount["name"]]["projected"]["sources"]
+                assert any("serviceAccountToken" in s for s in sources) and mount["readOnly"] is True
+            else:
+                assert "autoscalerOptions" not in cluster
+                assert not any("projected" in v for v in volumes.values())
 
 
 @pytest.mark.parametrize("values", VALUE_SETS)
@@ -497,7 +633,7 @@ def test_no_secret_values_in_defaults_or_config_maps(rendered):
     for path, value in _leaves(defaults):
         key = path[-1] if not path[-1].isdigit() else path[-2]
         if re.search(r"password|token|secret|accesskey", key, re.IGNORECASE) and not key.startswith(
-            ("existingSecret", "imagePullSecrets")
+            ("existingSecret", "existingServerSecret", "imagePullSecrets", "generateSecrets")
         ):
             assert value in (None, ""), ".".join(path)
     assert any(p[-1] == "existingSecret" for p, _ in _leaves(defaults))  # the walk does see the keys
@@ -512,13 +648,13 @@ def test_no_secret_values_in_defaults_or_config_maps(rendered):
 def test_network_policies(rendered):
     objects = rendered["default"]
     policies = {p["metadata"]["name"]: p["spec"] for p in find(objects, "NetworkPolicy")}
-    assert set(policies) == {f"{FULLNAME}-ray", f"{FULLNAME}-mlflow", f"{FULLNAME}-postgresql"}
+    assert set(policies) == {f"{FULLNAME}-{name}" for name in ("ray", "ray-head", "submitter", "mlflow", "postgresql")}
     pods = {where: meta["labels"] for where, meta, _ in pod_specs(objects)}
     ray_pods = [w for w in pods if w.startswith("RayCluster")]
 
     def admitted(policy, labels, port):
         """Whether a pod with `labels` in the same namespace may reach `port` (podSelector peers only)."""
-        for rule in policy["ingress"]:
+        for rule in policy.get("ingress", []):
             ports = {p["port"] for p in rule.get("ports", [])}
             if ports and port not in ports:
                 continue
@@ -553,6 +689,105 @@ def test_network_policies(rendered):
         (r["from"][0], {p["port"] for p in r["ports"]}) for r in ray["ingress"] if "namespaceSelector" in r["from"][0]
     ]
     assert [ports for _, ports in peers] == [{8265, 52365}, {8080, 44217, 44227, 9400}]
+
+
+METADATA = ipaddress.ip_address("169.254.169.254")
+
+
+def _egress_allowed(policies, labels, port, *, peer=None, ip=None, protocol="TCP") -> bool:
+    """Whether a pod with `labels` may send to `peer` (a pod's labels, same namespace) or to `ip`
+    on `port`, under the NetworkPolicies that select it for egress (none: anything goes)."""
+    selecting = [p for p in policies if "Egress" in p["policyTypes"] and selector_matches(p["podSelector"], labels)]
+    if not selecting:
+        return True
+    for policy in selecting:
+        for rule in policy.get("egress") or []:
+            ports = rule.get("ports")
+            if ports and not any(p["port"] == port and p.get("protocol", "TCP") == protocol for p in ports):
+                continue
+            if "to" not in rule:
+                return True
+            for to in rule["to"]:
+                same_namespace = "podSelector" in to and "namespaceSelector" not in to
+                if peer is not None and same_namespace and selector_matches(to["podSelector"], peer):
+                    return True
+                if ip is not None and "ipBlock" in to:
+                    block = to["ipBlock"]
+                    address = ipaddress.ip_address(ip)
+                    if address in ipaddress.ip_network(block["cidr"]) and not any(
+                        address in ipaddress.ip_network(e) for e in block.get("except", [])
+                    ):
+                        return True
+    return False
+
+
+def test_egress_is_what_each_pod_needs_and_never_the_metadata_endpoint(rendered):
+    objects = rendered["default"]
+    policies = [p["spec"] for p in find(objects, "NetworkPolicy")]
+    pods = {where: meta["labels"] for where, meta, _ in pod_specs(objects)}
+    head, worker = pods["RayCluster/mp-metaplatform head"], pods["RayCluster/mp-metaplatform gpu"]
+    mlflow, pg = pods[f"Deployment/{FULLNAME}-mlflow"], pods[f"StatefulSet/{FULLNAME}-postgresql"]
+    submitter = {**worker, "app.kubernetes.io/component": "ray-submitter"}
+    submitter = {k: v for k, v in submitter.items() if k != "metaplatform.io/ray-node"}
+    allowed = functools.partial(_egress_allowed, policies)
+    for labels in (head, worker, mlflow, pg, submitter):  # every pod is under an egress policy
+        assert any("Egress" in p["policyTypes"] and selector_matches(p["podSelector"], labels) for p in policies)
+        for port in (80, 443):
+            assert not allowed(labels, port, ip=str(METADATA)), (labels, port)
+    for ray in (head, worker):
+        assert allowed(ray, 6379, peer=worker) and allowed(ray, 45678, peer=head)  # Ray nodes: any port
+        assert allowed(ray, 5000, peer=mlflow) and allowed(ray, 443, ip="52.216.0.1")  # MLflow, S3
+        assert not allowed(ray, 5432, peer=pg) and not allowed(ray, 22, ip="10.0.0.1")
+    assert allowed(head, 6443, ip="10.0.0.1") and not allowed(worker, 6443, ip="10.0.0.1")  # the autoscaler's API
+    assert allowed(submitter, 8265, peer=head) and not allowed(submitter, 8265, peer=worker)
+    assert not allowed(submitter, 443, ip="52.216.0.1")
+    assert allowed(mlflow, 5432, peer=pg) and allowed(mlflow, 443, ip="52.216.0.1")
+    assert not allowed(mlflow, 6379, peer=head)
+    assert not allowed(pg, 53, ip="10.96.0.10", protocol="UDP") and not allowed(pg, 443, ip="52.216.0.1")
+    dns = yaml.safe_load((CHART / "values.yaml").read_text())["networkPolicy"]["egress"]["dns"]
+    for labels in (head, worker, mlflow, submitter):
+        assert any(
+            rule.get("to") == dns and {"port": 53, "protocol": "UDP"} in rule["ports"]
+            for p in policies if selector_matches(p["podSelector"], labels) for rule in p.get("egress", [])
+        ), labels  # fmt: skip
+
+
+def test_egress_address_ranges_always_cut_out_the_metadata_endpoint(tmp_path):
+    """Whatever ranges are configured, the metadata endpoint is excepted from each that holds it
+    (and only those: an except outside its cidr is invalid), unless explicitly allowed."""
+    cidrs = ["0.0.0.0/0", "169.254.0.0/16", "169.254.169.0/24", "10.0.0.0/8", "2001:db8::/32"]
+    egress = {"s3": {"cidrs": cidrs, "ports": [9000]}, "database": {"cidrs": ["169.0.0.0/8"], "ports": [5432]}}
+    values = {**GENERATE, "mlflow": {"backendStore": {"existingSecret": "db"}}, "networkPolicy": {"egress": egress}}
+    for allow in (False, True):
+        values["networkPolicy"]["egress"]["allowMetadataEndpoint"] = allow
+        objects = render(set_values=values, release=RELEASE, namespace=NAMESPACE)
+        blocks = [
+            to["ipBlock"]
+            for policy in find(objects, "NetworkPolicy")
+            for rule in policy["spec"].get("egress", [])
+            for to in rule.get("to", [])
+            if "ipBlock" in to
+        ]
+        assert {b["cidr"] for b in blocks} >= set(cidrs) | {"169.0.0.0/8"}
+        for block in blocks:
+            network = ipaddress.ip_network(block["cidr"])
+            holds = METADATA.version == network.version and METADATA in network
+            assert block.get("except", []) == (["169.254.169.254/32"] if holds and not allow else []), block
+        for policy in find(objects, "NetworkPolicy"):
+            assert not builtin_problems(policy, KUBERNETES_VERSIONS[0])
+        worker = {where: meta["labels"] for where, meta, _ in pod_specs(objects)}["RayCluster/mp-metaplatform gpu"]
+        policies = [p["spec"] for p in find(objects, "NetworkPolicy")]
+        assert _egress_allowed(policies, worker, 9000, ip=str(METADATA)) is allow
+    values["networkPolicy"]["egress"] = {"s3": {"cidrs": ["169.254.169.254/32"], "ports": [80]}}
+    result = helm(*template_args(set_values=values, release=RELEASE, namespace=NAMESPACE))
+    assert (
+        result.returncode != 0
+        and "networkPolicy.egress.s3.cidrs: 169.254.169.254/32 is the cloud metadata endpoint" in result.stderr
+    )
+    values["networkPolicy"]["egress"] = {"enabled": False}
+    policies = find(render(set_values=values, release=RELEASE, namespace=NAMESPACE), "NetworkPolicy")
+    assert {p["metadata"]["name"] for p in policies} == {f"{FULLNAME}-ray", f"{FULLNAME}-mlflow"}
+    assert all(p["spec"]["policyTypes"] == ["Ingress"] for p in policies)
 
 
 def test_notes(tmp_path):
@@ -613,6 +848,7 @@ def test_rendered_commands_are_real(tmp_path, postgres, s3_server, s3_bucket, ra
 
     mlflow_port, driver_port = _free_port(), _free_port()
     values = {
+        **GENERATE,
         "s3": {"endpoint": s3_server, "region": "us-east-1", "existingSecret": "s3-credentials"},
         "checkpoints": {"uri": f"s3://{s3_bucket}/checkpoints"},
         "ray": {"driverMetricsPort": driver_port},
@@ -742,6 +978,7 @@ def test_rendered_tune_command_is_real(tmp_path, ray_cluster, s3_bucket):
     import boto3
 
     values = {
+        **GENERATE,
         "mlflow": {"enabled": False},
         "ray": {"driverMetricsPort": _free_port()},
         "checkpoints": {"uri": f"s3://{s3_bucket}/checkpoints"},

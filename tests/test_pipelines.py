@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -150,6 +154,113 @@ def test_champion_comparison_follows_the_metric_direction(mlflow_server):
     assert beats is False and "not better than" in reason and "0.9000" in reason
     beats, reason = compare_with_champion(client, "test/loss", 0.1, name, "champion")
     assert beats is True and "has no test/loss" in reason
+
+
+def test_the_champion_gate_fails_closed(mlflow_server, monkeypatch):
+    """Only a missing registered model or alias means "no champion yet"; an MLflow that cannot be
+    read (a request it refuses, a stopped server) fails the step instead of promoting the model."""
+    from pipelines.steps import StepError, compare_with_champion
+
+    client = MlflowClient(mlflow_server.url)
+    name = f"model-{uuid.uuid4().hex[:8]}"
+    client.create_registered_model(name)  # registered, but no version holds the alias
+    assert compare_with_champion(client, "test/accuracy", 0.5, name, "champion") == (
+        True,
+        f"no version of {name!r} holds the alias 'champion' yet",
+    )
+    with pytest.raises(StepError, match="cannot read the champion .*INVALID_PARAMETER_VALUE"):
+        compare_with_champion(client, "test/accuracy", 0.5, "", "champion")  # refused by the server: 400
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with socket.socket() as s:  # a port nobody listens on: a stopped server
+        s.bind(("127.0.0.1", 0))
+        stopped = MlflowClient(f"http://127.0.0.1:{s.getsockname()[1]}")
+        with pytest.raises(StepError, match=f"cannot read the champion \\(alias 'champion' of {name!r}\\)"):
+            compare_with_champion(stopped, "test/accuracy", 0.5, name, "champion")
+
+
+def test_a_re_submitted_job_resumes_the_failed_one(tmp_path):
+    """The commands a retry submits continue the sweep (`--resume`, else the first attempt's
+    sweep.json refuses it) and the training (checkpoint.resume=true, else it starts from 0), in
+    the pipeline run's own folders; the train command resolves to that config."""
+    from pipelines.steps import train_command, tune_command
+    from platform.config import load_config
+
+    common = ("s3://bucket/pipelines/", "run-1", "http://mlflow:5000", "exp")
+    tune = tune_command("configs/sinusoid.yaml", ["optim.inner_lr=0.1"], 4, "asha", 100, *common)
+    assert tune[:5] == ["python", "-m", "platform.tune", "--config", "configs/sinusoid.yaml"]
+    assert "--resume" in tune and "checkpoint.dir=s3://bucket/pipelines/run-1/sweep" in tune
+    train = train_command("configs/sinusoid.yaml", ["checkpoint.resume=false"], ["optim.inner_lr=0.2"], 100, *common)
+    assert train[:3] == ["python", "-m", "platform.train"]
+    config = load_config(REPO / train[4], train[5:])
+    assert config.checkpoint.resume is True and config.checkpoint.dir == "s3://bucket/pipelines/run-1/train"
+    assert (config.optim.inner_lr, config.optim.iterations) == (0.2, 100)
+
+
+# A driver that needs 5 s after SIGTERM to finish (more than Ray's default 3 s before SIGKILL): it
+# says when it runs, and writes "done" into its argument's file once it has finished.
+SLOW_TO_STOP = """
+import pathlib, signal, sys, time
+def stop(*_):
+    time.sleep(5)
+    pathlib.Path(sys.argv[1]).write_text("done")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+print("running", flush=True)
+time.sleep(600)
+"""
+STEP = """
+import sys
+from pipelines.steps import run_ray_job, run_step
+run_step(run_ray_job, sys.argv[1], ["python", "-c", sys.argv[2], sys.argv[3]], sys.argv[4])
+"""
+
+
+def test_a_terminated_step_gives_its_job_s_driver_time_to_checkpoint(ray_cluster, tmp_path):
+    """SIGTERM to a step stops its Ray job, and the driver gets the step's stop wait
+    (RAY_JOB_STOP_WAIT_TIME_S in the job's runtime_env), not Ray's 3 s, before SIGKILL."""
+    done = tmp_path / "done"
+    argv = [sys.executable, "-c", STEP, ray_cluster.dashboard_url, SLOW_TO_STOP, str(done), f"stop-{uuid.uuid4().hex[:8]}"]  # fmt: skip
+    step = subprocess.Popen(argv, env=ray_cluster.subprocess_env(), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    lines = []
+    for line in step.stdout:  # the step prints the job's log as it comes
+        lines.append(line)
+        if line.strip() == "running":
+            break
+    step.send_signal(signal.SIGTERM)
+    out = "".join(lines) + step.communicate(timeout=60)[0]
+    assert step.returncode == 1 and "stopped: the step was terminated" in out, out[-3000:]
+    deadline = time.monotonic() + 30
+    while not done.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert done.exists() and done.read_text() == "done", "the driver was killed before it had finished"
+
+
+def test_a_job_server_that_never_answers_fails_the_step_in_bounded_time(monkeypatch):
+    """A head that accepts connections and never answers (a real socket on loopback that nobody
+    reads): each request times out, and after UNREACHABLE_S the step fails with a clear message."""
+    from pipelines import steps
+
+    monkeypatch.setattr(steps, "REQUEST_TIMEOUT_S", 0.5, raising=False)  # without the fix: no such constant, and a hang
+    monkeypatch.setattr(steps, "UNREACHABLE_S", 2.0)
+    monkeypatch.setattr(steps, "POLL_S", 0.2)
+    errors = []
+
+    def step():
+        try:
+            steps.run_ray_job(address, ["true"], "silent-1")
+        except steps.StepError as e:
+            errors.append(str(e))
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(64)  # the kernel completes the connections; nothing ever reads or answers
+        address = f"http://127.0.0.1:{server.getsockname()[1]}"
+        thread = threading.Thread(target=step, daemon=True)
+        thread.start()
+        thread.join(20)
+        assert not thread.is_alive(), "the step hangs on a job server that never answers"
+    assert errors and errors[0].startswith(f"the Ray job server at {address} did not answer for 2 s"), errors
 
 
 def run_local(ray_cluster, mlflow_server, tmp_path: Path, name: str, *args: str) -> subprocess.CompletedProcess:

@@ -40,8 +40,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
 {{/*
-A value for a Secret the chart generates: the one already in the cluster (so upgrades keep it),
-else a new random one. (`helm template` has no cluster: it always makes a new one.)
+A value for a Secret the chart generates (generateSecrets): the one already in the cluster (so
+upgrades keep it), else a new random one. (`helm template` has no cluster: it always makes a new
+one, which is why generateSecrets is off by default.)
 Call with (dict "ctx" $ "name" <secret name> "key" <key> "length" <n>).
 */}}
 {{- define "metaplatform.generatedSecretValue" -}}
@@ -50,6 +51,33 @@ Call with (dict "ctx" $ "name" <secret name> "key" <key> "length" <n>).
 {{- index $existing.data .key | b64dec }}
 {{- else }}
 {{- randAlphaNum (int .length) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Stops rendering when a Secret the chart needs is neither named by its existingSecret value nor to
+be generated (generateSecrets=true), naming each value to set.
+*/}}
+{{- define "metaplatform.checkSecrets" -}}
+{{- if not .Values.generateSecrets }}
+{{- $missing := list }}
+{{- if not .Values.ray.auth.existingSecret }}
+{{- $missing = append $missing "ray.auth.existingSecret (key auth_token)" }}
+{{- end }}
+{{- if and (include "metaplatform.bundledPostgres" .) (not .Values.postgresql.existingSecret) }}
+{{- $missing = append $missing "postgresql.existingSecret (key password)" }}
+{{- end }}
+{{- if and .Values.mlflow.enabled .Values.mlflow.auth.enabled }}
+{{- if not .Values.mlflow.auth.existingSecret }}
+{{- $missing = append $missing "mlflow.auth.existingSecret (keys username, password)" }}
+{{- end }}
+{{- if not .Values.mlflow.auth.existingServerSecret }}
+{{- $missing = append $missing "mlflow.auth.existingServerSecret (key flask-secret-key)" }}
+{{- end }}
+{{- end }}
+{{- with $missing }}
+{{- fail (printf "secrets: no Secret named for %s. Create them and set these values, or set generateSecrets=true to let the chart make them at helm install (never with helm template or Argo CD: they would change on every render); see docs/deploy.md" (join ", " .)) }}
+{{- end }}
 {{- end }}
 {{- end }}
 
@@ -68,6 +96,10 @@ Call with (dict "ctx" $ "name" <secret name> "key" <key> "length" <n>).
 
 {{- define "metaplatform.mlflowAuthSecret" -}}
 {{- default (printf "%s-mlflow-auth" (include "metaplatform.fullname" .)) .Values.mlflow.auth.existingSecret }}
+{{- end }}
+
+{{- define "metaplatform.mlflowServerSecret" -}}
+{{- default (printf "%s-server" (include "metaplatform.mlflowName" .)) .Values.mlflow.auth.existingServerSecret }}
 {{- end }}
 
 {{- define "metaplatform.postgresName" -}}
@@ -95,6 +127,9 @@ Call with (dict "ctx" $ "name" <secret name> "key" <key> "length" <n>).
 {{- define "metaplatform.rayEnv" -}}
 - name: HOME
   value: /tmp
+# Read by Ray's job supervisor: how long a stopped job's driver has before SIGKILL.
+- name: RAY_JOB_STOP_WAIT_TIME_S
+  value: {{ .Values.ray.jobStopWaitSeconds | quote }}
 {{- with (include "metaplatform.trackingUri" .) }}
 - name: MLFLOW_TRACKING_URI
   value: {{ . | quote }}
@@ -166,6 +201,9 @@ autoscalerOptions:
   env:
     - name: HOME
       value: /tmp
+  # The head pod's service-account token, for this container alone (the pod mounts none).
+  volumeMounts:
+    - {name: kube-api-access, mountPath: /var/run/secrets/kubernetes.io/serviceaccount, readOnly: true}
   securityContext:
     {{- toYaml $v.securityContext | nindent 4 }}
 {{- end }}
@@ -183,6 +221,11 @@ headGroupSpec:
         {{- include "metaplatform.rayPodLabels" $ | nindent 8 }}
         metaplatform.io/ray-node: head
     spec:
+      # The job drivers run in ray-head: no Kubernetes API token there. The autoscaler sidecar,
+      # which scales the worker groups through the API, mounts the token itself.
+      automountServiceAccountToken: false
+      # The preStop hook's wait for the drivers, and some to spare for Ray's own shutdown.
+      terminationGracePeriodSeconds: {{ add $v.ray.jobStopWaitSeconds 30 }}
       securityContext:
         {{- toYaml $v.podSecurityContext | nindent 8 }}
       {{- with $v.imagePullSecrets }}
@@ -219,10 +262,36 @@ headGroupSpec:
             {{- toYaml $v.ray.head.resources | nindent 12 }}
           securityContext:
             {{- toYaml $v.securityContext | nindent 12 }}
+          # KubeRay deletes the head pod (activeDeadlineSeconds, a RayJob retry, an upgrade, the
+          # end of a job's cluster) without stopping its jobs: stop them here, so each driver
+          # checkpoints within ray.jobStopWaitSeconds, before the pod goes.
+          lifecycle:
+            preStop:
+              exec:
+                command:
+                  - python
+                  - -c
+                  - |
+                    {{- include "metaplatform.stopJobs" $ | nindent 20 }}
           volumeMounts:
             - {name: tmp, mountPath: /tmp}
       volumes:
         - {name: tmp, emptyDir: {}}
+        {{- if $v.ray.autoscaler.enabled }}
+        # What automountServiceAccountToken would mount, for the autoscaler container only.
+        - name: kube-api-access
+          projected:
+            defaultMode: 420
+            sources:
+              - serviceAccountToken: {path: token, expirationSeconds: 3607}
+              - configMap:
+                  name: kube-root-ca.crt
+                  items: [{key: ca.crt, path: ca.crt}]
+              - downwardAPI:
+                  items:
+                    - path: namespace
+                      fieldRef: {apiVersion: v1, fieldPath: metadata.namespace}
+        {{- end }}
 workerGroupSpecs:
 {{- if not .workerGroups }} []{{ end }}
 {{- range .workerGroups }}
@@ -282,6 +351,69 @@ workerGroupSpecs:
               - {name: tmp, mountPath: /tmp}
         volumes:
           - {name: tmp, emptyDir: {}}
+{{- end }}
+{{- end }}
+
+{{/*
+The head's preStop hook: stop every running job through the job API and wait until each has
+ended (up to RAY_JOB_STOP_WAIT_TIME_S and 10 s more). KubeRay gives the container the token.
+*/}}
+{{- define "metaplatform.stopJobs" -}}
+import os, time
+if os.environ.get("RAY_AUTH_TOKEN"):
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+from ray.job_submission import JobSubmissionClient
+client = JobSubmissionClient("http://127.0.0.1:8265")
+running = [j.submission_id for j in client.list_jobs() if j.submission_id and not j.status.is_terminal()]
+for job in running:
+    client.stop_job(job)
+deadline = time.monotonic() + int(os.environ.get("RAY_JOB_STOP_WAIT_TIME_S", "3")) + 10
+while running and time.monotonic() < deadline:
+    time.sleep(1)
+    running = [job for job in running if not client.get_job_status(job).is_terminal()]
+print(f"stopped the running jobs; {len(running)} still running")
+{{- end }}
+
+{{/*
+NetworkPolicy `to` peers for CIDRs, the cloud metadata endpoint cut out of each one that holds it
+unless networkPolicy.egress.allowMetadataEndpoint. Call with (dict "ctx" $ "key" <values key>
+"cidrs" <list>).
+*/}}
+{{- define "metaplatform.cidrPeers" -}}
+{{- $allow := .ctx.Values.networkPolicy.egress.allowMetadataEndpoint }}
+{{- range .cidrs }}
+{{- $cut := and (not $allow) (include "metaplatform.holdsMetadata" .) }}
+{{- if and $cut (eq . "169.254.169.254/32") }}
+{{- fail (printf "%s: %s is the cloud metadata endpoint; allow it with networkPolicy.egress.allowMetadataEndpoint=true" $.key .) }}
+{{- end }}
+- ipBlock:
+    cidr: {{ . | quote }}
+    {{- if $cut }}
+    except: ["169.254.169.254/32"]
+    {{- end }}
+{{- end }}
+{{- end }}
+
+{{/* NetworkPolicy ports, TCP, from a list of numbers. */}}
+{{- define "metaplatform.tcpPorts" -}}
+{{- range . }}
+- {port: {{ . }}, protocol: TCP}
+{{- end }}
+{{- end }}
+
+{{/* "true" when an IPv4 CIDR holds 169.254.169.254 (2852039166 as a number). */}}
+{{- define "metaplatform.holdsMetadata" -}}
+{{- if not (contains ":" .) }}
+{{- $parts := splitList "/" . }}
+{{- $ip := 0 }}
+{{- range splitList "." (first $parts) }}
+{{- $ip = add (mul $ip 256) (atoi .) }}
+{{- end }}
+{{- $block := 1 }}
+{{- range until (sub 32 (atoi (last $parts)) | int) }}
+{{- $block = mul $block 2 }}
+{{- end }}
+{{- if eq (div $ip $block) (div 2852039166 $block) }}true{{ end }}
 {{- end }}
 {{- end }}
 
