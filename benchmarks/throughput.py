@@ -101,7 +101,7 @@ class Platform:
         out = []
         for info in self.pool.infos:
             try:
-                with open(f"/proc/{info['pid']}/status") as f:
+                with open(f"/proc/{info.pid}/status") as f:
                     out.append(next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")))
             except (OSError, StopIteration):
                 out.append(None)

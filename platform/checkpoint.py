@@ -7,6 +7,7 @@ may read it.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import logging
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from platform.config import ConfigError
 from platform.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -173,16 +175,46 @@ class CheckpointStore:
         return data
 
     def write(self, data: bytes, iteration: int) -> str:
-        """Store encoded checkpoint bytes as `iteration`, verify them, then prune; returns the path or URI."""
+        """Store encoded checkpoint bytes as `iteration`, verify them, then prune; returns the path or URI.
+
+        A checkpoint is never rewritten with other bytes: its digest would be replaced before its
+        data, and a crash between the two would leave the only copy looking damaged."""
         if iteration < 0:
             raise ValueError(f"iteration must be >= 0, got {iteration}")
         name = _name(iteration)
         digest = hashlib.sha256(data).hexdigest()
+        if name in self._backend.names():
+            if self._backend.read(name + _DIGEST).decode().strip() == digest:
+                return self._backend.uri(name)  # the same checkpoint again (a retried write)
+            raise CheckpointError(
+                f"{self._backend.uri(name)}: a different checkpoint {iteration} exists; not rewriting it"
+            )
         self._backend.write(name + _DIGEST, digest.encode())
         self._backend.write(name, data)
         self._verify(name, self._backend.read(name))
         self._prune(iteration)
         return self._backend.uri(name)
+
+    @contextmanager
+    def exclusive(self):
+        """Held while one run writes here; another run's try fails at once (ConfigError). Local folders
+        only (flock on `.writer.lock`): S3 has no lock, so give concurrent runs their own prefixes."""
+        if not isinstance(self._backend, _LocalFolder):
+            yield
+            return
+        with open(self._backend.root / ".writer.lock", "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ConfigError(
+                    [
+                        f"checkpoint.dir = {self.location!r}: another run is writing checkpoints there now; give this one another checkpoint.dir"
+                    ]
+                ) from None
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def save(self, state: dict, iteration: int) -> str:
         """Write `state` as the checkpoint of `iteration`, return its path or URI, keep the newest `keep`."""

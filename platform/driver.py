@@ -158,9 +158,10 @@ def meta_step(
     )
 
 
-def meta_validate(pool: WorkerPool, config: RunConfig, params, split: str = "val") -> dict:
-    """Mean and 95% interval over `eval.tasks` fixed tasks of `split`, computed by the actors."""
+def meta_validate(pool: WorkerPool, config: RunConfig, params, split: str = "val", cancel=None) -> dict | None:
+    """Mean and 95% interval over `eval.tasks` fixed tasks of `split`, computed by the actors; None if
+    `cancel()` became true first (a stop does not wait for a long meta-validation)."""
     flat_ref, steps = ray.put(flatten(params)), config.optim.test_inner_steps
     seeds = evaluation_seeds(config.eval.tasks)
-    rows = pool.map(lambda actor, shard: actor.evaluate.remote(flat_ref, split, steps, shard), seeds)
-    return summarize(np.concatenate(rows), config.classification)
+    rows = pool.map(lambda actor, shard: actor.evaluate.remote(flat_ref, split, steps, shard), seeds, cancel)
+    return None if rows is None else summarize(np.concatenate(rows), config.classification)

@@ -348,9 +348,10 @@ class WorkerPool:
             self._settle(finished)
         self._started_once = True
 
-    def map(self, fn: Callable[[ActorHandle, list], ObjectRef], items: list) -> list:
+    def map(self, fn: Callable[[ActorHandle, list], ObjectRef], items: list, cancel: Callable[[], bool] | None = None):
         """`fn(actor, shard)` (which calls a method of the actor: `lambda a, s: a.evaluate.remote(s)`)
-        for one contiguous shard of `items` per live actor; the results in shard order."""
+        for one contiguous shard of `items` per live actor; the results in shard order. None as soon as
+        `cancel()` is true (checked a few times a second): the calls still running are abandoned."""
         r = self.config.resources
         self._settle([])
         self._refill()
@@ -375,6 +376,10 @@ class WorkerPool:
                 continue
             starting = [s.ready for s in self.slots if s.ready is not None]
             wait_s = max(0.0, min(deadline for _, _, deadline in running.values()) - time.monotonic())
+            if cancel is not None:
+                if cancel():
+                    return None
+                wait_s = min(wait_s, 0.2)
             finished, _ = ray.wait([*running, *starting], num_returns=1, timeout=wait_s)
             for call in [c for c in finished if c in running]:
                 slot, k, _ = running.pop(call)

@@ -196,10 +196,11 @@ def train_loop(config: RunConfig, progress: Progress, pool: WorkerPool, watch: O
             print(progress_line(config, record, window), flush=True)
         watch.on_iteration(record)
         if config.eval.every and (record.iteration % config.eval.every == 0 or last):
-            val = meta_validate(pool, config, progress.params)
-            print(f"meta-validation at {record.iteration}: {format_eval(val, config.classification)}", flush=True)
-            record = replace(record, val=val)
-            watch.on_validation(record)
+            val = meta_validate(pool, config, progress.params, cancel=lambda: stop.signal is not None)
+            if val is not None:
+                print(f"meta-validation at {record.iteration}: {format_eval(val, config.classification)}", flush=True)
+                record = replace(record, val=val)
+                watch.on_validation(record)
         progress.history.append(history_entry(record, window if logged else None))
         if logged:
             window = []
@@ -224,12 +225,21 @@ def train(
     """
     watch = Observers(default_observers(config) if observers is None else observers)
     store = CheckpointStore(config.checkpoint.dir, keep=config.checkpoint.keep)
+    with store.exclusive():  # one run writes a folder at a time
+        return _train(config, watch, store, start, run_key)
+
+
+def _train(
+    config: RunConfig, watch: Observers, store: CheckpointStore, start: dict | None, run_key: str | None
+) -> dict:
     progress = initial_progress(config, store, start, run_key)
     writer = CheckpointWriter(store, report=warn)
 
     def checkpoint(final: bool = False) -> str:
         """Queue a checkpoint of the current state; a final one is waited for (bounded)."""
-        where = writer.submit(progress.state(config, watch.state()), progress.iteration)
+        # An observer that has not started (no workers yet) keeps what it saved in the resumed checkpoint.
+        observers = progress.observers | {k: v for k, v in watch.state().items() if v}
+        where = writer.submit(progress.state(config, observers), progress.iteration)
         wait = lambda: writer.flush(config.checkpoint.write_timeout_s)
         if final:
             wait()
@@ -285,7 +295,10 @@ def finish(config, progress, store, writer, watch, checkpoint, stop, failure, st
     status = "FAILED" if failure else "KILLED" if stop.signal or stopped else "FINISHED"
     iteration = progress.iteration
     try:
-        where = checkpoint(final=True)
+        if iteration == progress.resumed_from and iteration in store.iterations():
+            where = store.uri(iteration)  # nothing trained since the resume: that checkpoint is the final one
+        else:
+            where = checkpoint(final=True)
     except CheckpointError as e:
         watch.on_end("FAILED", None)
         raise RunFailed(f"the final checkpoint could not be written: {e}", iteration, None) from None
@@ -327,6 +340,17 @@ def checkpoint_after_a_bug(checkpoint, watch: Observers) -> None:
         print(f"unexpected error, and no checkpoint could be written: {e}", file=sys.stderr)
 
 
+def refuse_another_runs_folder(config: RunConfig) -> None:
+    """A new run never writes over another run's checkpoints (same numbers, pruned by number)."""
+    latest = CheckpointStore(config.checkpoint.dir).latest()
+    if latest is not None:
+        problem = (
+            f"checkpoint.dir = {config.checkpoint.dir!r}: holds another run's checkpoints (the newest at "
+            f"iteration {latest}); continue that run with --resume, or give this one another checkpoint.dir"
+        )
+        raise ConfigError([problem])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = config_parser("Meta-train a model over a distribution of tasks on Ray actors.")
     parser.add_argument(
@@ -335,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)  # overrides may come before and after options
     config = load_config(args.config, args.overrides + (["checkpoint.resume=true"] if args.resume else []))
     print("resolved config:\n" + config.to_yaml(), flush=True)
+    if not config.checkpoint.resume:
+        refuse_another_runs_folder(config)
     try:
         train(config)
     except RunFailed as e:

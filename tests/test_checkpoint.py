@@ -332,3 +332,48 @@ def test_writer_retries_through_a_storage_outage_and_reports_it_twice(restartabl
     assert reports[0].startswith("checkpoint storage failed (s3://ckpts/run/") and "retrying" in reports[0]
     assert reports[1] == "checkpoint storage is back: wrote s3://ckpts/run/ckpt-00000004.pt"
     assert CheckpointStore("s3://ckpts/run").load() == {"iteration": 4}
+
+
+def test_a_checkpoint_is_never_rewritten_with_other_bytes(location):
+    """Rewriting would replace the digest before the data: a crash between the two would leave the
+    only copy of that iteration looking damaged. The same bytes again (a retried write) are fine."""
+    store = CheckpointStore(location)
+    first = store.encode({"iteration": 3, "run": "a"})
+    where = store.save({"iteration": 3, "run": "a"}, 3)
+    assert store.write(first, 3) == where
+    with pytest.raises(CheckpointError, match="a different checkpoint 3 exists; not rewriting it"):
+        store.save({"iteration": 3, "run": "b"}, 3)
+    assert store.load(3) == {"iteration": 3, "run": "a"}
+
+
+def test_one_writer_per_folder(tmp_path):
+    from platform.config import ConfigError
+
+    with (
+        CheckpointStore(tmp_path).exclusive(),
+        pytest.raises(ConfigError, match="another run is writing checkpoints there now"),
+        CheckpointStore(tmp_path).exclusive(),
+    ):
+        pass
+    with CheckpointStore(tmp_path).exclusive():  # released
+        pass
+
+
+def test_a_new_run_refuses_a_folder_with_another_runs_checkpoints(tmp_path):
+    """The default checkpoint.dir is shared by every default run: a second one would write over the
+    first's same-numbered checkpoints and prune the rest. Refused before anything starts."""
+    CheckpointStore(tmp_path).save({"iteration": 5}, 5)
+    done = subprocess.run(
+        [sys.executable, "-m", "platform.train", f"checkpoint.dir={tmp_path}", "tracking.mlflow=false"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2 and len(errors) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "holds another run's checkpoints (the newest at iteration 5)" in errors[0] and "--resume" in errors[0]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+        "ckpt-00000005.pt",
+        "ckpt-00000005.pt.sha256",
+    ]

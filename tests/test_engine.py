@@ -186,6 +186,32 @@ def test_ctrl_c_checkpoints_and_says_how_to_resume(ray_cluster, reference, tmp_p
     assert_same_params(final_params(tmp_path), reference)
 
 
+def test_a_stop_during_meta_validation_cuts_it_short_and_resumes_exactly(ray_cluster, reference, tmp_path):
+    """SIGTERM (what `ray job stop` sends, with RAY_JOB_STOP_WAIT_TIME_S before SIGKILL) while a long
+    meta-validation runs: the driver does not wait for it, writes the final checkpoint and exits; the
+    resumed run ends with the uninterrupted run's parameters (validation never touches them)."""
+    proc = start_train(ray_cluster, tmp_path, "resources.workers=2", "eval.every=40", "eval.tasks=50000")
+    read_until(proc, r"iter\s+40/")  # printed just before the meta-validation at 40 starts
+    proc.send_signal(signal.SIGTERM)
+    out = finish(proc, timeout=120, returncode=130)
+    assert "SIGTERM: stopped after iteration 40" in out and "meta-validation at 40" not in out, out
+    assert CheckpointStore(tmp_path).latest() == 40
+    run_train(ray_cluster, tmp_path, "resources.workers=2", "--resume")
+    assert_same_params(final_params(tmp_path), reference)
+
+
+def test_a_resumed_run_without_workers_leaves_its_checkpoint_as_it_was(ray_cluster, tmp_path):
+    """Nothing trained since the resume: the checkpoint resumed from stays the final one, byte for byte
+    (with the observers' state, e.g. the MLflow run id), rather than being rewritten."""
+    run_train(ray_cluster, tmp_path, "resources.workers=1", "optim.iterations=20")
+    digest = (tmp_path / "ckpt-00000020.pt.sha256").read_text()
+    proc = start_train(ray_cluster, tmp_path, "resources.cpus_per_worker=64", "resources.start_timeout_s=2", "--resume")
+    out = finish(proc, timeout=120, returncode=1)
+    assert "could not reserve" in out and f"checkpoint {tmp_path / 'ckpt-00000020.pt'}" in out, out
+    assert CheckpointStore(tmp_path).iterations() == [20]
+    assert (tmp_path / "ckpt-00000020.pt.sha256").read_text() == digest
+
+
 def test_ray_job_submit(ray_cluster, tmp_path):
     """`ray job submit --working-dir . -- python -m platform.train ...` from the repo root."""
     repo = Path(__file__).resolve().parents[1]

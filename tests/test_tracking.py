@@ -324,3 +324,34 @@ def test_a_full_disk_under_the_spool_only_warns_once(mlflow_server, tmp_path):
     tracker.on_checkpoint("somewhere", 50, lambda: "somewhere")
     tracker.delivery.close()
     assert len(said) == 1 and "cannot write the tracking spool" in said[0] and "training goes on" in said[0], said
+
+
+def test_a_model_record_sent_twice_logs_and_registers_once(mlflow_server, tmp_path):
+    """The answer to the model record was lost (the server logged and registered it): delivering the
+    record again neither logs a second model nor registers a second version."""
+    from platform.algorithms import build
+    from platform.config import load_config
+    from platform.mlflow_model import save_model
+    from platform.tracking import Delivery, RunSpool
+
+    config = load_config(None, BASE)
+    _, _, params = build(config)
+    spool = RunSpool(tmp_path / "spool", mlflow_server.url)
+    save_model(config, params, spool.files / "model")
+    tags = {"metaplatform.run_key": "model-twice"}
+    spool.append(
+        {"op": "start", "experiment": "restarts", "run_name": None, "tags": tags, "params": {}, "start_time": 0}
+    )
+    spool.append({"op": "model", "file": "model", "register_as": "sent-twice"})
+    said: list[str] = []
+    delivery = Delivery(spool, mlflow_server.url, report=said.append)
+    while spool.pending:
+        assert delivery.run_once()
+    spool.set_delivered(1)  # as if the model's answer had been lost: the record goes again
+    while spool.pending:
+        assert delivery.run_once()
+    client = MlflowClient(mlflow_server.url)
+    run = client.get_run(spool.run_id)
+    assert len(client.search_model_versions("name = 'sent-twice'")) == 1
+    assert len(client.search_logged_models([run.info.experiment_id], f"source_run_id = '{spool.run_id}'")) == 1
+    assert run.data.tags["registered_model"] == "sent-twice version 1" and said == []
