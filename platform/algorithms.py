@@ -312,7 +312,7 @@ def build_algorithm(config: RunConfig, model: nn.Module, device: torch.device | 
         model=model,
         inner_lr=config.optim.inner_lr,
         inner_steps=config.optim.inner_steps,
-        first_order=config.first_order or config.algorithm == "reptile",
+        first_order=config.first_order,
         classification=config.classification,
         head_only=config.algorithm == "anil",
         learn_inner_lr=config.algorithm == "metasgd",

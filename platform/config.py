@@ -178,7 +178,8 @@ class RunConfig(_Section):
 
     @property
     def first_order(self) -> bool:
-        return self.optim.first_order or self.algorithm == "fomaml"
+        """Whether the outer gradient drops second-order terms: asked for, or the algorithm's own (decided here only)."""
+        return self.optim.first_order or self.algorithm in ("fomaml", "reptile")
 
     def to_yaml(self, redact: bool = True) -> str:
         """The config as YAML that loads back equal; URL passwords replaced by *** unless `redact` is False."""

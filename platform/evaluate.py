@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         f"(95% CI, {time.perf_counter() - start:.1f}s)"
     )
     if args.plot is not None:
-        from platform.plots import sinusoid_adaptation
+        from platform.plots import (
+            sinusoid_adaptation,
+        )  # imported here, as below: slow, and only these options need them
 
         print(f"adaptation picture: {sinusoid_adaptation(config, state['params'], args.plot)}")
     if config.tracking.mlflow and not args.no_mlflow:

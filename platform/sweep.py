@@ -21,15 +21,9 @@ from ray.tune import Callback
 from platform.checkpoint import open_storage
 from platform.cli import first_line, warn
 from platform.config import RunConfig
+from platform.delivery import RUN_KEY_TAG, Delivery, RunSpool
 from platform.mlflow_client import get_or_create_experiment, log_batches, mlflow_client
-from platform.tracking import (
-    RUN_KEY_TAG,
-    Delivery,
-    RunSpool,
-    artifact_location,
-    flatten_config,
-    tracking_uri,
-)
+from platform.tracking import artifact_location, flatten_config, tracking_uri
 from platform.trial import objective
 
 SWEEP_FILE = "sweep.json"

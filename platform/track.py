@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from platform.cli import USAGE_ERROR, run, warn
-from platform.tracking import Delivery, RunSpool
+from platform.delivery import Delivery, RunSpool
 
 
 def sync(folder: Path, uri: str | None) -> int:

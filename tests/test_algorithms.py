@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from benchmarks.reference import ref_body, ref_head
 from platform.algorithms import (
     INNER_LR,
     GradientMetaLearner,
@@ -565,12 +566,9 @@ def test_evaluate_classification_accuracy_is_a_fraction(kind):
 
 
 def paper_conv4(p: dict, x: torch.Tensor) -> torch.Tensor:
-    """Conv4 as the MAML paper writes it: 4 x (conv, batch-statistics BN, ReLU, max-pool), then the head."""
-    for i in range(4):
-        x = F.conv2d(x, p[f"body.{i}.0.weight"], p[f"body.{i}.0.bias"], padding=1)
-        x = F.batch_norm(x, None, None, p[f"body.{i}.1.weight"], p[f"body.{i}.1.bias"], training=True)
-        x = F.max_pool2d(F.relu(x), 2)
-    return F.linear(x.flatten(1), p["head.weight"], p["head.bias"])
+    """Conv4 as the MAML paper writes it: 4 x (conv, batch-statistics BN, ReLU, max-pool), then the head
+    (the benchmarks' independent reference, shared)."""
+    return ref_head(p, ref_body(p, x))
 
 
 def conv4_setup(width: int, dtype: torch.dtype):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import free_port
-from test_adapt import folder, folder_config, trained  # noqa: F401 - `folder` is a fixture
+from test_adapt import folder, folder_config, trained, worker_threads  # noqa: F401 - fixtures
 
 from platform.config import RunConfig
 from platform.learner import learner_from, load_learner
@@ -41,7 +41,9 @@ def server(classifier):
     port = free_port()
     process = subprocess.Popen(
         [MLFLOW, "models", "serve", "-m", classifier[0], "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-        env=os.environ | {"PATH": f"{MLFLOW.parent}{os.pathsep}{os.environ['PATH']}"},  # it runs `uvicorn`
+        # It runs `uvicorn`; one torch thread, like the library's side of the comparisons (worker_threads):
+        # bit-for-bit equal predictions need the same kernels' summation order.
+        env=os.environ | {"PATH": f"{MLFLOW.parent}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         start_new_session=True,
@@ -76,7 +78,7 @@ def request_body(task, labels, steps: int | None = None) -> dict:
     return body | ({"params": {"steps": steps}} if steps is not None else {})
 
 
-def test_the_server_answers_a_task_with_the_librarys_predictions(server, classifier):
+def test_the_server_answers_a_task_with_the_librarys_predictions(server, classifier, worker_threads):  # noqa: F811
     _, config, params = classifier
     task = task_sampler(config.task, "test").sample(2)
     names = ["cat", "dog", "emu"]

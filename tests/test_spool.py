@@ -6,8 +6,8 @@ import json
 import subprocess
 import sys
 
+from platform.delivery import RunSpool
 from platform.spool import Spool
-from platform.tracking import RunSpool
 
 
 def test_records_and_delivered_survive_a_reopen(tmp_path):

@@ -331,8 +331,8 @@ def test_a_model_record_sent_twice_logs_and_registers_once(mlflow_server, tmp_pa
     record again neither logs a second model nor registers a second version."""
     from platform.algorithms import build
     from platform.config import load_config
+    from platform.delivery import Delivery, RunSpool
     from platform.mlflow_model import save_model
-    from platform.tracking import Delivery, RunSpool
 
     config = load_config(None, BASE)
     _, _, params = build(config)
