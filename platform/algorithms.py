@@ -297,10 +297,15 @@ class PrototypicalNetwork:
 
 
 def vectorized(config: RunConfig, device: torch.device | str) -> bool:
-    """resources.vectorize resolved for a device: `auto` batches tasks with vmap on GPUs only."""
+    """resources.vectorize resolved for a device: `auto` batches tasks with vmap on GPUs, and on CPU for
+    the MLP, whose per-task loop is all per-operation overhead (vmap's cost is ~per call, not per task:
+    6x faster than the loop for a 25-task chunk); conv4 keeps the loop on CPU, where vmap's grouped
+    convolutions are 2.2-2.4x slower (docs/benchmarks.md)."""
     choice = config.resources.vectorize
-    on_gpu = torch.device(device).type == "cuda"
-    return choice == "vmap" or (choice == "auto" and on_gpu and config.algorithm in VECTORIZABLE)
+    if choice != "auto":
+        return choice == "vmap"
+    batches_well = torch.device(device).type == "cuda" or config.model.kind == "mlp"
+    return batches_well and config.algorithm in VECTORIZABLE
 
 
 def build_algorithm(config: RunConfig, model: nn.Module, device: torch.device | str = "cpu"):

@@ -107,8 +107,16 @@ class ResourcesConfig(_Section):
     vectorize: Literal["auto", "loop", "vmap"] = Field(
         "auto",
         description=(
-            "how a worker computes a chunk of tasks: loop (one task after another, fastest on CPU), "
-            "vmap (one batched computation, for GPUs); auto: vmap on a GPU, loop on CPU"
+            "how a worker computes a chunk of tasks: loop (one task after another, fastest for conv4 on CPU), "
+            "vmap (one batched computation); auto: vmap on a GPU and for the MLP, loop for conv4 on CPU"
+        ),
+    )
+    execution: Literal["auto", "ray", "local"] = Field(
+        "auto",
+        description=(
+            "where the meta-gradient is computed: ray (actors), local (in the driver process, on its CPU, "
+            "no Ray); auto: local for the MLP on one machine when no cluster is asked for (RAY_ADDRESS, "
+            "a Ray job or Tune trial), else ray"
         ),
     )
     placement: Literal["SPREAD", "PACK"] = "SPREAD"

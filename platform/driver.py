@@ -20,7 +20,7 @@ import ray
 import torch
 
 from platform.config import OptimConfig, RunConfig
-from platform.engine import ChunkGradients, WorkerPool, chunked, flatten, unflatten
+from platform.engine import ChunkGradients, WorkerPool, flatten, gradient_chunks, unflatten
 from platform.metatest import summarize
 from platform.tasks import evaluation_seeds, iteration_seeds
 
@@ -81,8 +81,9 @@ class IterationRecord:
 
     `seconds` is its wall time, split into `actor_compute` (the slowest actor's compute),
     `transfer` (dispatch, object store, waiting: the rest of the round trip) and `outer_update`
-    (the reduce and the optimiser step). `train_s` is the training wall time so far, without
-    meta-validation: what time to accuracy is measured in.
+    (the reduce and the optimiser step); `shard_compute` is each actor's compute (its shard's).
+    `train_s` is the training wall time so far, without meta-validation: what time to accuracy is
+    measured in.
     """
 
     iteration: int
@@ -100,6 +101,7 @@ class IterationRecord:
     worker_failures: int
     worker_restarts: int
     val: dict | None = None  # the meta-validation summary, at the iterations that have one
+    shard_compute: tuple[float, ...] = ()
 
     @property
     def gradient_bytes(self) -> int:
@@ -117,6 +119,13 @@ def window_rates(records: list[IterationRecord]) -> tuple[float, float]:
     return sum(r.tasks for r in records) / seconds, sum(r.driver_seconds for r in records) / seconds
 
 
+def idle_fraction(records: list[IterationRecord]) -> float:
+    """The share of the actors' time spent waiting for the slowest one of each iteration (0 with one
+    actor): what unequal shards cost."""
+    slowest = sum(max(r.shard_compute) * len(r.shard_compute) for r in records)
+    return 1 - sum(sum(r.shard_compute) for r in records) / slowest
+
+
 def meta_step(
     config: RunConfig,
     params: dict[str, torch.nn.Parameter],
@@ -126,19 +135,21 @@ def meta_step(
     train_s: float,
 ) -> IterationRecord:
     """Meta-iteration `iteration` (0-based): the actors compute the chunks' outer gradients, the
-    driver sums them in chunk order and steps. `train_s` is the training time before it."""
+    driver sums them in chunk order and steps. `train_s` is the training time before it. `pool` is
+    a WorkerPool or an in-process platform.local.LocalPool: the same chunks, the same sum."""
     o = config.optim
     t0 = time.perf_counter()
     flat = flatten(params)
-    flat_ref = ray.put(flat)
-    chunks = chunked(iteration_seeds(config.seed, iteration, o.meta_batch), o.chunk)
+    flat_ref = pool.put(flat)
+    chunks = gradient_chunks(iteration_seeds(config.seed, iteration, o.meta_batch), o.chunk, config.resources.workers)
     t1 = time.perf_counter()
     shards: list[ChunkGradients] = pool.map(lambda actor, shard: actor.outer_grads.remote(flat_ref, shard), chunks)
     t2 = time.perf_counter()
     result = ChunkGradients.concat(shards)
     apply_meta_gradient(params, result.grads, optimizer, config, iteration)
     t3 = time.perf_counter()
-    actor_compute = min(t2 - t1, max(float(s.seconds.sum()) for s in shards))
+    shard_compute = tuple(float(s.seconds.sum()) for s in shards)
+    actor_compute = min(t2 - t1, max(shard_compute))
     tasks = int(result.tasks.sum())
     return IterationRecord(
         iteration=iteration + 1,
@@ -155,13 +166,14 @@ def meta_step(
         workers_alive=len(pool.live),
         worker_failures=pool.failures,
         worker_restarts=pool.restarts,
+        shard_compute=shard_compute,
     )
 
 
 def meta_validate(pool: WorkerPool, config: RunConfig, params, split: str = "val", cancel=None) -> dict | None:
     """Mean and 95% interval over `eval.tasks` fixed tasks of `split`, computed by the actors; None if
     `cancel()` became true first (a stop does not wait for a long meta-validation)."""
-    flat_ref, steps = ray.put(flatten(params)), config.optim.test_inner_steps
+    flat_ref, steps = pool.put(flatten(params)), config.optim.test_inner_steps
     seeds = evaluation_seeds(config.eval.tasks)
     rows = pool.map(lambda actor, shard: actor.evaluate.remote(flat_ref, split, steps, shard), seeds, cancel)
     return None if rows is None else summarize(np.concatenate(rows), config.classification)

@@ -83,6 +83,30 @@ def chunked(seeds: list[int], size: int) -> list[list[int]]:
     return [seeds[i : i + size] for i in range(0, len(seeds), size)]
 
 
+def split(items: list, parts: int, longer_first: bool = True) -> list[list]:
+    """`items` in `parts` contiguous runs whose lengths differ by at most one, the longer ones first
+    (or last)."""
+    base, extra = divmod(len(items), parts)
+    lengths = [base + (k < extra if longer_first else k >= parts - extra) for k in range(parts)]
+    bounds = np.cumsum([0, *lengths])
+    return [items[bounds[k] : bounds[k + 1]] for k in range(parts)]
+
+
+def gradient_chunks(seeds: list[int], chunk: int | str | None, workers: int) -> list[list[int]]:
+    """An iteration's seeds in gradient chunks, fixed by config values alone (never by the live actors,
+    so shrinking and growing back changes nothing): `chunk` tasks each (the last one shorter), or for
+    `chunk` auto (None) one chunk per configured worker, their sizes differing by at most one task."""
+    if chunk in (None, "auto"):
+        return split(seeds, workers)
+    return chunked(seeds, chunk)
+
+
+def shards(chunks: list, actors: int) -> list[list]:
+    """One contiguous run of chunks per actor; no actor gets more than one chunk more than another, and
+    the extra chunks go to the last actors, whose runs hold the short last chunk."""
+    return split(chunks, actors, longer_first=False)
+
+
 @dataclass(frozen=True, eq=False)
 class ChunkGradients:
     """What an actor returns for its shard of chunks, in chunk order: row i of `grads` is chunk i's
@@ -133,6 +157,12 @@ class AdaptationWorker:
             self.samplers = {"train": task_sampler(self.config.task, "train")}
         except DataError as e:  # the user's to fix, not a dying actor to restart: `info` reports it
             self.samplers, self.data_error = {}, str(e)
+            return
+        if getattr(self.algorithm, "vectorized", False):
+            # torch.func's first call costs ~2 s of set-up (not per shape): paid here, while starting,
+            # so that it never counts against resources.worker_timeout_s. Nothing of it is kept.
+            params = {k: v.to(self.device) for k, v in self.template.items()}
+            self.algorithm.outer_grad(params, [self.samplers["train"].sample(0).to(self.device)])
 
     def _sampler(self, split: str):
         if split not in self.samplers:
@@ -358,9 +388,8 @@ class WorkerPool:
         if len(self.live) < r.min_workers:
             self._wait_for_workers(r.min_workers)
         n = len(self.live)
-        bounds = np.linspace(0, len(items), n + 1).round().astype(int)
-        shards = [items[bounds[k] : bounds[k + 1]] for k in range(n)]
-        queue = deque(k for k in range(n) if shards[k])
+        work = shards(items, n)
+        queue = deque(k for k in range(n) if work[k])
         results: list = [None] * n
         running: dict[ObjectRef, tuple[_Slot, int, float]] = {}  # call -> (slot, shard, deadline)
         while queue or running:
@@ -369,7 +398,7 @@ class WorkerPool:
                 if not queue:
                     break
                 k = queue.popleft()
-                call = fn(slot.actor, shards[k])
+                call = fn(slot.actor, work[k])
                 running[call] = (slot, k, time.monotonic() + r.worker_timeout_s)
             if not running:  # shards left and no live actor to take them
                 self._wait_for_workers(max(1, r.min_workers))
@@ -398,6 +427,22 @@ class WorkerPool:
             if len(self.live) + sum(s.ready is not None for s in self.slots) < r.min_workers:
                 self._wait_for_workers(r.min_workers)
         return [res for res in results if res is not None]
+
+    def put(self, value) -> ObjectRef:
+        """`value` in the object store once, for every actor's call to read (`map`'s `fn` passes it)."""
+        return ray.put(value)
+
+    @property
+    def address(self) -> str:
+        """The Ray cluster's GCS address."""
+        return ray.get_runtime_context().gcs_address
+
+    @property
+    def summary(self) -> str:
+        """One line: the live actors and where they run."""
+        return f"{len(self.live)} workers: " + ", ".join(
+            f"pid {i.pid} ({i.device} on node {i.node[:8]})" for i in self.infos
+        )
 
     def shutdown(self) -> None:
         for slot in self.slots:

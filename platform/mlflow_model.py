@@ -43,6 +43,10 @@ def requirements() -> list[str]:
 class AdaptingModel(mlflow.pyfunc.PythonModel):
     """predict(task) -> predictions for its queries; one Learner per normalisation rule, built at load."""
 
+    # No type hints on `predict`, and no warning asking for them at every import: the inputs are
+    # checked against the tensor signature this model logs (MLflow's own switch, as its ChatModel uses).
+    _skip_type_hint_validation = True
+
     def load_context(self, context) -> None:
         config = RunConfig.model_validate(yaml.safe_load(Path(context.artifacts["config"]).read_text()))
         params = torch.load(context.artifacts["params"], map_location="cpu", weights_only=True)

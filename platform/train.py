@@ -13,7 +13,6 @@ import threading
 import uuid
 from dataclasses import dataclass, field, replace
 
-import ray
 import torch
 from ray.exceptions import RayError, RayTaskError
 
@@ -22,8 +21,9 @@ from platform.checkpoint import CheckpointError, CheckpointStore, CheckpointWrit
 from platform.cli import config_parser, first_line, run, warn
 from platform.config import ConfigError, RunConfig, load_config
 from platform.data import DataError
-from platform.driver import IterationRecord, connect_ray, make_optimizer, meta_step, meta_validate, window_rates
+from platform.driver import IterationRecord, make_optimizer, meta_step, meta_validate, window_rates
 from platform.engine import WorkerFailureError, WorkerPool, WorkerStartError
+from platform.local import execution
 from platform.metatest import format_eval
 from platform.observers import Observer, Observers, StopTraining
 
@@ -94,14 +94,15 @@ def resume_conflicts(saved: dict, config: RunConfig) -> list[str]:
 
 def default_observers(config: RunConfig) -> list[Observer]:
     """What watches a run per its `tracking` section: MLflow, Prometheus."""
-    # Imported here: MLflow and the Prometheus client are slow to import, and only tracked runs need them.
-    from platform.metrics import PrometheusExporter
-    from platform.tracking import MlflowTracker
-
+    # Imported here, each when asked for: MLflow and the Prometheus client are slow to import.
     observers: list[Observer] = []
     if config.tracking.mlflow:
+        from platform.tracking import MlflowTracker
+
         observers.append(MlflowTracker(report=warn))
     if config.tracking.prometheus_port:
+        from platform.metrics import PrometheusExporter
+
         observers.append(PrometheusExporter(config.tracking.prometheus_port))
     return observers
 
@@ -246,22 +247,19 @@ def _train(
         watch.on_checkpoint(where, progress.iteration, wait)
         return where
 
-    connect_ray(config.resources.workers * config.resources.cpus_per_worker)
+    pool_type = execution(config)  # in-process or Ray actors, said in one line; Ray joined or started here
     stop = StopRequest()
     pool, failure, stopped = None, None, None
     try:
-        pool = WorkerPool(config)
-        print(
-            f"{len(pool.live)} workers: "
-            + ", ".join(f"pid {i.pid} ({i.device} on node {i.node[:8]})" for i in pool.infos)
-        )
+        pool = pool_type(config)
+        print(pool.summary)
         context = {
             "run_key": progress.run_key,
             "resumed_from": progress.resumed_from,
             "branched": progress.branched,
             "workers": len(pool.live),
             "device": pool.infos[0].device,
-            "ray_address": ray.get_runtime_context().gcs_address,
+            "ray_address": pool.address,
         }
         watch.on_start(config, context, progress.observers)
         train_loop(config, progress, pool, watch, checkpoint, stop)

@@ -524,11 +524,15 @@ def test_vectorized_outer_grad_equals_the_task_loop(name):
     assert metrics["accuracy"] == pytest.approx(expected_metrics["accuracy"], rel=1e-6)  # float32 means
 
 
-def test_vectorize_auto_batches_on_gpus_only():
-    config = lambda **resources: RunConfig.model_validate({"algorithm": "maml", "resources": resources})
+def test_vectorize_auto_batches_on_gpus_and_for_the_mlp():
+    config = lambda **r: RunConfig.model_validate({"algorithm": "maml", "resources": r})
+    conv = lambda **r: RunConfig.model_validate(
+        {"task": {"kind": "omniglot"}, "model": {"kind": "conv4"}, "resources": r}
+    )
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert not vectorized(config(), cpu) and vectorized(config(), cuda)
-    assert vectorized(config(vectorize="vmap"), cpu) and not vectorized(config(vectorize="loop"), cuda)
+    assert vectorized(config(), cpu) and vectorized(config(), cuda)  # the MLP: vmap wins on CPU too
+    assert not vectorized(conv(), cpu) and vectorized(conv(), cuda)  # conv4 on CPU: the loop wins
+    assert vectorized(conv(vectorize="vmap"), cpu) and not vectorized(config(vectorize="loop"), cuda)
     assert not vectorized(RunConfig(algorithm="reptile"), cuda)  # no vmap path: auto keeps the loop
     assert build_algorithm(config(vectorize="vmap"), mlp()).vectorized
 

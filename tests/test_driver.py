@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from platform.config import load_config
@@ -88,3 +89,43 @@ def test_eta_counts_hours_past_a_day():
     from platform.train import duration
 
     assert duration(50 * 3600 + 61) == "50:01:01" and duration(59.6) == "0:01:00"
+
+
+def test_shards_differ_by_at_most_one_chunk_and_the_extra_ones_go_last():
+    from platform.engine import shards
+
+    assert [len(s) for s in shards(list(range(5)), 2)] == [2, 3]  # linspace().round() gave the same, by luck
+    for chunks in range(1, 40):
+        for actors in range(1, chunks + 1):
+            runs = shards(list(range(chunks)), actors)
+            lengths = [len(r) for r in runs]
+            assert [c for run in runs for c in run] == list(range(chunks)), (
+                chunks,
+                actors,
+            )  # contiguous, in chunk order
+            assert max(lengths) - min(lengths) <= 1 and lengths == sorted(lengths), (chunks, actors)
+    # The default run's 7 chunks of 4, 4, 4, 4, 4, 4, 1 tasks: the short chunk joins the longer shard.
+    tasks = [sum(len(c) for c in run) for run in shards(chunked(list(range(25)), 4), 2)]
+    assert tasks == [12, 13]
+
+
+def test_auto_chunks_split_the_meta_batch_by_the_configured_workers():
+    from platform.engine import gradient_chunks
+
+    seeds = list(range(25))
+    assert [len(c) for c in gradient_chunks(seeds, None, 2)] == [13, 12]
+    assert [len(c) for c in gradient_chunks(seeds, "auto", 3)] == [9, 8, 8]
+    assert [s for chunk in gradient_chunks(seeds, None, 3) for s in chunk] == seeds
+    assert gradient_chunks(seeds, 4, 3) == chunked(seeds, 4)  # a chunk size in the config is kept
+
+
+def test_idle_fraction_is_the_actors_wait_for_the_slowest():
+    from platform.driver import idle_fraction
+
+    def record(*shard_compute):
+        fields = dict.fromkeys(IterationRecord.__dataclass_fields__, 0)
+        return IterationRecord(**(fields | {"shard_compute": shard_compute, "val": None}))
+
+    assert idle_fraction([record(2.0, 2.0)]) == 0 and idle_fraction([record(1.5)]) == 0
+    assert idle_fraction([record(1.0, 3.0)]) == pytest.approx(1 / 3)  # 2 s of 6 waiting
+    assert idle_fraction([record(1.0, 3.0), record(3.0, 3.0)]) == pytest.approx(2 / 12)

@@ -9,8 +9,10 @@ panel of the dashboard has a series to show.
 from __future__ import annotations
 
 import json
+import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,7 +23,6 @@ import pytest
 from driver_runs import finish, read_until, start_train
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
-from services import free_port
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "helm" / "metaplatform" / "dashboards" / "metaplatform.json"
 LABELS = {"run_id", "experiment", "algorithm"}
@@ -75,6 +76,20 @@ def value(families: dict, sample: str, **labels) -> float:
     return found
 
 
+def listen_port() -> int:
+    """A free port below the kernel's ephemeral range (32768-60999) and above Ray's worker ports
+    (10002-19999): one from the ephemeral range can be taken, between this pick and the driver's bind,
+    by an outgoing connection of a process starting up (the drivers' own, to Ray)."""
+    for port in random.Random().sample(range(20000, 32000), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")
+
+
 @pytest.fixture(scope="module")
 def runs(ray_cluster, tmp_path_factory):
     """{kind: port} of two running drivers that have meta-validated at least once; stopped at the end."""
@@ -83,7 +98,7 @@ def runs(ray_cluster, tmp_path_factory):
     procs, ports = {}, {}
     try:
         for kind, overrides in RUNS.items():
-            ports[kind] = free_port()
+            ports[kind] = listen_port()
             extra = [f"task.data={data}"] if kind == "classification" else []
             procs[kind] = start_train(
                 ray_cluster,
