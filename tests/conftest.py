@@ -40,6 +40,19 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
+def folder_with_a_corrupt_image(root: Path) -> Path:
+    """A folder data set of 10 classes x 2 images whose listing passes the driver's checks, with one image
+    (class3/1.png) that cannot be decoded: what only the process that reads the images finds."""
+    from PIL import Image  # imported here: only the tests of bad data need it
+
+    for c in range(10):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(2):
+            Image.new("L", (8, 8), color=c * 20 + i).save(root / f"class{c}" / f"{i}.png")
+    (root / "class3" / "1.png").write_bytes(b"not a png")
+    return root
+
+
 @pytest.fixture(autouse=True)
 def _no_leftover_drivers():
     """A driver a test started and left running (the test failed before it ended) is killed; those of

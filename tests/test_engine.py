@@ -17,6 +17,7 @@ import driver_runs
 import numpy as np
 import pytest
 import torch
+from conftest import folder_with_a_corrupt_image
 from driver_runs import assert_same_params, finish, read_until
 
 from platform.checkpoint import CheckpointStore
@@ -119,14 +120,7 @@ def test_no_workers_to_be_had_stops_with_a_message(ray_cluster, tmp_path):
 def test_data_only_an_actor_can_read_is_one_usage_error_not_dying_actors(ray_cluster, tmp_path):
     """A folder data set whose listing is fine (what the driver checks) but with an image the actors
     cannot decode: exit 2 at once with the actor's message, no restarts, no tracebacks, no checkpoint."""
-    from PIL import Image
-
-    data = tmp_path / "data"
-    for c in range(10):
-        (data / f"class{c}").mkdir(parents=True)
-        for i in range(2):
-            Image.new("L", (8, 8), color=c * 20 + i).save(data / f"class{c}" / f"{i}.png")
-    (data / "class3" / "1.png").write_bytes(b"not a png")
+    data = folder_with_a_corrupt_image(tmp_path / "data")
     overrides = [
         "task.kind=folder",
         f"task.data={data}",

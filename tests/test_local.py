@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import ray
 import torch
+from conftest import folder_with_a_corrupt_image
 from driver_runs import assert_same_params, finish, start_train
 
 from platform.algorithms import vectorized
@@ -79,14 +80,7 @@ def test_vectorize_auto_batches_the_mlp_on_cpu_and_keeps_the_loop_for_conv4():
 
 
 def test_data_an_in_process_worker_cannot_read_is_a_data_error(tmp_path, monkeypatch):
-    from PIL import Image
-
-    data = tmp_path / "data"
-    for c in range(10):
-        (data / f"class{c}").mkdir(parents=True)
-        for i in range(2):
-            Image.new("L", (8, 8), color=c * 20 + i).save(data / f"class{c}" / f"{i}.png")
-    (data / "class3" / "1.png").write_bytes(b"not a png")
+    data = folder_with_a_corrupt_image(tmp_path / "data")
     overrides = ["task.kind=folder", f"task.data={data}", "task.ways=2", "task.shots=1", "task.query=1"]
     overrides += ["model.kind=conv4", "model.width=8", "optim.meta_batch=4", "optim.chunk=2", "eval.every=0"]
     overrides += ["resources.execution=local", "tracking.mlflow=false", f"checkpoint.dir={tmp_path / 'c'}"]
