@@ -80,6 +80,9 @@ class _LocalFolder:
         with _raise_as_checkpoint_error(self.uri(name), "cannot read", OSError):
             return (self.root / name).read_bytes()
 
+    def exists(self, name: str) -> bool:
+        return (self.root / name).exists()
+
     def write(self, name: str, data: bytes) -> None:
         with _raise_as_checkpoint_error(self.uri(name), "cannot write", OSError):
             for stale in self.root.glob(".ckpt-*.tmp"):  # left by a writer that crashed mid-write
@@ -124,6 +127,15 @@ class _S3Prefix:
         with _raise_as_checkpoint_error(self.uri(name), "cannot read", self._errors):
             return self.client.get_object(Bucket=self.bucket, Key=self.prefix + name)["Body"].read()
 
+    def exists(self, name: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self.prefix + name)
+        except self._errors as e:
+            if getattr(e, "response", {}).get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise CheckpointError(f"{self.uri(name)}: cannot access: {e}") from e
+        return True
+
     def write(self, name: str, data: bytes) -> None:
         # A single put_object is atomic: the object appears whole or not at all.
         with _raise_as_checkpoint_error(self.uri(name), "cannot write", self._errors):
@@ -136,7 +148,8 @@ class _S3Prefix:
 
 def open_storage(location: str | Path) -> _LocalFolder | _S3Prefix:
     """Named files under a local folder or an s3://bucket/prefix, each written whole or not at all
-    (`names()`, `read(name)`, `write(name, data)`, `delete(name)`, `uri(name)`); CheckpointError if unusable."""
+    (`names()`, `exists(name)`, `read(name)`, `write(name, data)`, `delete(name)`, `uri(name)`); CheckpointError
+    if unusable."""
     if str(location).startswith("s3://"):
         return _S3Prefix(str(location))
     return _LocalFolder(location)
@@ -183,7 +196,7 @@ class CheckpointStore:
             raise ValueError(f"iteration must be >= 0, got {iteration}")
         name = _name(iteration)
         digest = hashlib.sha256(data).hexdigest()
-        if name in self._backend.names():
+        if self._backend.exists(name):
             if self._backend.read(name + _DIGEST).decode().strip() == digest:
                 return self._backend.uri(name)  # the same checkpoint again (a retried write)
             raise CheckpointError(
