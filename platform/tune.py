@@ -21,6 +21,7 @@ In MLflow a sweep is one parent run with one child run per trial.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -74,8 +75,11 @@ def sweep_problems(config: RunConfig, args) -> list[str]:
 
 def aws_environment() -> dict[str, str]:
     """This driver's AWS_* settings, for the trials' processes (which run with the cluster's
-    environment): given to Ray as the job's environment, never written into the sweep."""
-    return {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    environment): given to Ray as the job's environment, never written into the sweep. Inside a
+    Ray job those its runtime env sets already reach the trials, and Ray refuses a key set twice."""
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {}
+    given = job.get("env_vars") or {}
+    return {k: v for k, v in os.environ.items() if k.startswith("AWS_") and k not in given}
 
 
 def make_tuner(config: RunConfig, args, space: dict, search, sweep: Sweep, resuming: bool):
