@@ -245,23 +245,14 @@ def test_command_predicts_as_the_api_in_a_table_csv_and_json(
     ck, _, _ = maml_model
     queries = [folder / "c00" / "1.png", folder / "c01" / "2.png", folder / "c02" / "3.png"]
     names = ["alpha", "mu", "zeta"]  # the command reads the label folders in sorted order
-    expected = load_learner(ck).adapt([support_dir / n / "0.png" for n in names], names).predict(queries)
-    code, out, _ = run_command(monkeypatch, capsys, "--checkpoint", ck, "--support", support_dir, "--query", *queries)
+    adapted = load_learner(ck).adapt([support_dir / n / "0.png" for n in names], names)
+    expected = adapted.predict(queries)
+    given = ("--checkpoint", ck, "--support", support_dir, "--query")
+    code, out, _ = run_command(monkeypatch, capsys, *given, *queries)
     lines = out.splitlines()
     assert code == 0 and lines[0].split() == ["file", "label", "p(alpha)", "p(mu)", "p(zeta)"] and len(lines) == 4
     assert [line.split()[1] for line in lines[1:]] == expected.labels
-    code, out, _ = run_command(
-        monkeypatch,
-        capsys,
-        "--checkpoint",
-        ck,
-        "--support",
-        support_dir,
-        "--query",
-        *queries,
-        "--output",
-        tmp_path / "p.csv",
-    )
+    code, out, _ = run_command(monkeypatch, capsys, *given, *queries, "--output", tmp_path / "p.csv")
     rows = list(csv.DictReader((tmp_path / "p.csv").open()))
     assert (
         code == 0
@@ -271,25 +262,10 @@ def test_command_predicts_as_the_api_in_a_table_csv_and_json(
     assert np.array_equal(
         [[float(r[f"p({c})"]) for c in expected.classes] for r in rows], expected.probabilities.astype(float)
     )
-    run_command(
-        monkeypatch,
-        capsys,
-        "--checkpoint",
-        ck,
-        "--support",
-        support_dir,
-        "--query",
-        folder / "c00",
-        "--output",
-        tmp_path / "p.json",
-    )
+    run_command(monkeypatch, capsys, *given, folder / "c00", "--output", tmp_path / "p.json")
     objects = json.loads((tmp_path / "p.json").read_text())
     assert [o["file"] for o in objects] == [str(p) for p in sorted((folder / "c00").glob("*.png"))]
-    expected = (
-        load_learner(ck)
-        .adapt([support_dir / n / "0.png" for n in names], names)
-        .predict(sorted((folder / "c00").glob("*.png")))
-    )
+    expected = adapted.predict(sorted((folder / "c00").glob("*.png")))
     assert [o["label"] for o in objects] == expected.labels
     assert [[o["probabilities"][c] for c in names] for o in objects] == expected.probabilities.tolist()
 
