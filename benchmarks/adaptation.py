@@ -36,6 +36,7 @@ from benchmarks.reference import (
 from platform.algorithms import build
 from platform.cli import run
 from platform.config import load_config
+from platform.engine import gradient_chunks
 from platform.tasks import iteration_seeds, task_sampler
 
 
@@ -57,8 +58,8 @@ def run_setting(name: str, args, base: list[str]) -> dict:
 
         def meta_grad(p, tasks):
             total = None
-            for i in range(0, len(tasks), o.chunk):  # chunk by chunk, like AdaptationWorker.outer_grads
-                grads = algo.outer_grad(p, tasks[i : i + o.chunk])[0]
+            for chunk in gradient_chunks(tasks, o.chunk, config.resources.workers):  # like AdaptationWorker
+                grads = algo.outer_grad(p, chunk)[0]
                 total = grads if total is None else {k: total[k] + grads[k] for k in total}
             return total
 

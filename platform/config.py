@@ -10,10 +10,11 @@ import difflib
 import re
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError
+from pydantic_core import PydanticCustomError
 
 from platform.data import DataError, check_omniglot_source, default_omniglot_source
 from platform.splits import TASK_SPLITS, images_per_class, split_sizes
@@ -77,6 +78,13 @@ class ModelConfig(_Section):
     )
 
 
+def _chunk_size(value: Any) -> int | str:
+    # One rule in one message, where a union type would report a failure per member.
+    if value == "auto" or (type(value) is int and value > 0):
+        return value
+    raise PydanticCustomError("chunk_size", "a number of tasks (a whole number > 0) or 'auto'")
+
+
 class OptimConfig(_Section):
     inner_lr: float = Field(0.01, gt=0, description="eta: inner-loop learning rate (initial value for metasgd)")
     outer_lr: float = Field(0.001, gt=0, description="lambda: outer (meta) learning rate")
@@ -88,10 +96,12 @@ class OptimConfig(_Section):
     outer_optimizer: Literal["adam", "sgd"] = "adam"
     schedule: Literal["constant", "cosine"] = Field("constant", description="outer learning-rate schedule")
     grad_clip: float | None = Field(None, gt=0, description="clip the meta-gradient's global norm")
-    chunk: int = Field(
-        4,
-        gt=0,
-        description="tasks per gradient chunk; chunks are summed in order, so results do not depend on the number of workers",
+    chunk: Annotated[int | Literal["auto"], PlainValidator(_chunk_size)] = Field(
+        "auto",
+        description=(
+            "tasks per gradient chunk; chunks are summed in order, so results do not depend on the number of live "
+            "workers; auto: one chunk per configured worker (resources.workers), sizes differing by at most one"
+        ),
     )
 
 
@@ -350,6 +360,13 @@ def check(config: RunConfig) -> list[str]:
         )
     if r.min_workers > r.workers:
         problems.append(f"resources.min_workers = {r.min_workers}: more than resources.workers = {r.workers}")
+    if o.chunk == "auto":
+        if r.workers > o.meta_batch:
+            problems.append(
+                f"resources.workers = {r.workers}: more workers than the {o.meta_batch} tasks of a meta-batch "
+                "(optim.chunk auto gives each configured worker one chunk); lower resources.workers"
+            )
+        return problems
     if o.chunk > o.meta_batch:
         problems.append(
             f"optim.chunk = {o.chunk}: more than optim.meta_batch = {o.meta_batch} (a chunk is part of a meta-batch)"

@@ -92,11 +92,11 @@ def split(items: list, parts: int, longer_first: bool = True) -> list[list]:
     return [items[bounds[k] : bounds[k + 1]] for k in range(parts)]
 
 
-def gradient_chunks(seeds: list[int], chunk: int | str | None, workers: int) -> list[list[int]]:
+def gradient_chunks(seeds: list, chunk: int | str, workers: int) -> list[list]:
     """An iteration's seeds in gradient chunks, fixed by config values alone (never by the live actors,
     so shrinking and growing back changes nothing): `chunk` tasks each (the last one shorter), or for
-    `chunk` auto (None) one chunk per configured worker, their sizes differing by at most one task."""
-    if chunk in (None, "auto"):
+    `chunk` "auto" one chunk per configured worker, their sizes differing by at most one task."""
+    if chunk == "auto":
         return split(seeds, workers)
     return chunked(seeds, chunk)
 

@@ -89,6 +89,13 @@ def resume_conflicts(saved: dict, config: RunConfig) -> list[str]:
         else:
             pairs = [(section, before, after)]
         conflicts += [f"{key} = {a!r}: the checkpoint was trained with {b!r}" for key, b, a in pairs if a != b]
+    workers = saved.get("resources", {}).get("workers")
+    if config.optim.chunk == "auto" and workers != config.resources.workers:
+        conflicts.append(
+            f"resources.workers = {config.resources.workers}: the checkpoint was trained with {workers}, and with "
+            "optim.chunk auto the configured workers set the gradient chunks (fewer live workers are fine: "
+            "resources.min_workers)"
+        )
     return conflicts
 
 

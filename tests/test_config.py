@@ -212,6 +212,12 @@ def test_more_workers_than_gradient_chunks():
     (problem,) = problems_of(None, ["optim.meta_batch=8", "optim.chunk=4", "resources.workers=3"])
     assert "resources.workers = 3" in problem and "2 gradient chunks" in problem
     assert load_config(None, ["optim.meta_batch=8", "optim.chunk=4", "resources.workers=2"])
+    (problem,) = problems_of(None, ["optim.meta_batch=2", "resources.workers=3"])  # chunk auto: one per worker
+    assert "resources.workers = 3: more workers than the 2 tasks of a meta-batch" in problem, problem
+    for bad, shown in [("0", "0"), ("-1", "-1"), ("many", "'many'"), ("2.5", "2.5")]:
+        assert problems_of(None, [f"optim.chunk={bad}"]) == [
+            f"config: optim.chunk = {shown}: a number of tasks (a whole number > 0) or 'auto'"
+        ]
 
 
 @pytest.mark.parametrize("algorithm", ["reptile", "protonet"])
@@ -229,7 +235,7 @@ def test_several_problems_are_all_reported(tmp_path):
     for needle in ("optim.iner_lr", "task.wayz", "optim.inner_lr = 0", "optim.outer_lr = -1", "algorithm = 'nope'"):
         assert sum(needle in p for p in problems) == 1, needle
     # rules across fields are all reported too
-    problems = problems_of(None, [*OMNIGLOT, "task.ways=1000", "task.shots=10", "task.query=11", "resources.workers=9"])
+    problems = problems_of(None, [*OMNIGLOT, "task.ways=1000", "task.shots=10", "task.query=11", "optim.chunk=4", "resources.workers=9"])
     assert [p.split(":")[1].split("=")[0].strip() for p in problems] == [
         "task.ways",
         "task.shots + task.query",

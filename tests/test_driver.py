@@ -77,7 +77,12 @@ def test_chunks_are_fixed_by_the_config_not_the_workers():
 
 def test_resume_guard_names_changed_settings_and_allows_more_iterations():
     saved = load_config(None, []).model_dump(mode="json")
-    assert resume_conflicts(saved, load_config(None, ["optim.iterations=9999", "resources.workers=1"])) == []
+    assert resume_conflicts(saved, load_config(None, ["optim.iterations=9999"])) == []
+    sized = load_config(None, ["optim.chunk=5"]).model_dump(mode="json")
+    assert resume_conflicts(sized, load_config(None, ["optim.chunk=5", "resources.workers=1"])) == []
+    # With chunk auto the configured workers cut the chunks: changing them would change the bits.
+    (conflict,) = resume_conflicts(saved, load_config(None, ["resources.workers=1"]))
+    assert conflict.startswith("resources.workers = 1: the checkpoint was trained with 2"), conflict
     conflicts = resume_conflicts(saved, load_config(None, ["model.width=8", "seed=3"]))
     assert conflicts == [
         "seed = 3: the checkpoint was trained with 0",
@@ -113,9 +118,9 @@ def test_auto_chunks_split_the_meta_batch_by_the_configured_workers():
     from platform.engine import gradient_chunks
 
     seeds = list(range(25))
-    assert [len(c) for c in gradient_chunks(seeds, None, 2)] == [13, 12]
+    assert [len(c) for c in gradient_chunks(seeds, "auto", 2)] == [13, 12]
     assert [len(c) for c in gradient_chunks(seeds, "auto", 3)] == [9, 8, 8]
-    assert [s for chunk in gradient_chunks(seeds, None, 3) for s in chunk] == seeds
+    assert [s for chunk in gradient_chunks(seeds, "auto", 3) for s in chunk] == seeds
     assert gradient_chunks(seeds, 4, 3) == chunked(seeds, 4)  # a chunk size in the config is kept
 
 
