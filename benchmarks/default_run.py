@@ -93,12 +93,12 @@ def cpu_model() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # Every argument this parser does not know is platform.train's, in its order (--config included).
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="other arguments go to platform.train")
     parser.add_argument("--baseline", default="HEAD", help="commit to compare the working tree against")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--extrapolate", type=int, metavar="N", help="estimate an N-iteration run")
-    parser.add_argument("train_args", nargs=argparse.REMAINDER, help="platform.train's arguments, the same for both")
-    args = parser.parse_args(argv)
+    args, train_args = parser.parse_known_args(argv)
     commit = git("rev-parse", args.baseline)
     print(f"{cpu_model()}; load average before: {os.getloadavg()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="baseline-") as tmp:
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             results = {name: [] for name in trees}
             for round_ in range(args.repeats):
                 for name in list(trees)[:: 1 if round_ % 2 == 0 else -1]:
-                    result = timed_run(trees[name], args.train_args)
+                    result = timed_run(trees[name], train_args)
                     results[name].append(result)
                     print(f"round {round_ + 1}, {name}: {result['wall']:.1f} s", flush=True)
         finally:
