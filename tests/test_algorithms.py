@@ -49,15 +49,17 @@ def regression_task(seed: int, shots: int = 5, query: int = 7) -> Task:
     return Task(x[:shots], y[:shots], x[shots:], y[shots:])
 
 
-def image_task(seed: int, ways: int = 3, shots: int = 2, query: int = 3, size: int = 4, shuffle: bool = False) -> Task:
+def image_task(
+    seed: int, ways: int = 3, shots: int = 2, query: int = 3, size: int = 4, shuffle: bool = False, channels: int = 1
+) -> Task:
     g = torch.Generator().manual_seed(seed)
-    centers = torch.rand(ways, 1, size, size, generator=g, dtype=torch.float64)
+    centers = torch.rand(ways, channels, size, size, generator=g, dtype=torch.float64)
 
     def draw(per_class: int):
         y = torch.arange(ways).repeat_interleave(per_class)
         if shuffle:
             y = y[torch.randperm(len(y), generator=g)]
-        x = centers[y] + 0.3 * torch.rand(len(y), 1, size, size, generator=g, dtype=torch.float64)
+        x = centers[y] + 0.3 * torch.rand(len(y), channels, size, size, generator=g, dtype=torch.float64)
         return x, y
 
     return Task(*draw(shots), *draw(query))
@@ -609,6 +611,39 @@ def test_conv4_is_the_papers_network_in_outputs_and_meta_gradients():
     assert torch.equal(grads.pop("body.0.0.bias"), torch.zeros(6, dtype=torch.float64))
     assert expected.pop("body.0.0.bias").abs().max() < 1e-12
     assert_params_close(grads, expected, rtol=1e-9, atol=1e-13)
+
+
+def test_conv4_on_rgb_images_of_another_size_is_the_papers_network():
+    """3 channels at 32x32 (2x2 maps flattened into the head): the folded first block takes every channel's
+    patches; outputs and the second-order meta-gradient equal the written-out network's, in float64."""
+    torch.manual_seed(0)
+    model = Conv4(3, 5, 3, image_size=32)
+    assert model.head.in_features == 5 * 2 * 2
+    params = double(dict(model.named_parameters()))
+    task = image_task(5, ways=3, shots=2, query=4, size=32, channels=3)
+    torch.testing.assert_close(
+        functional_call(model, params, (task.query_x,)), paper_conv4(params, task.query_x), rtol=1e-10, atol=1e-12
+    )
+    grads = GradientMetaLearner(model, 0.4, 1, False, True).outer_grad(params, [task])[0]
+    expected = paper_meta_gradient(params, task)
+    grads.pop("body.0.0.bias"), expected.pop("body.0.0.bias")  # cancels in BN: 0 (ours exactly), 1e-13 noise
+    assert_params_close(grads, expected, rtol=1e-9, atol=1e-13)
+
+
+def test_pixel_normalisation_is_part_of_the_model_and_no_parameter():
+    """task.mean/std: the body normalises its input per channel, exactly as normalising the images first;
+    the constants are neither meta-parameters nor in the state dict (they travel in the run config)."""
+    torch.manual_seed(0)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    plain, normalising = Conv4(3, 4, 5, image_size=20), Conv4(3, 4, 5, image_size=20, pixels=(mean, std))
+    params = dict(plain.named_parameters())
+    assert [k for k, _ in normalising.named_parameters()] == list(params)
+    assert normalising.state_dict().keys() == plain.state_dict().keys()
+    x = torch.rand(6, 3, 20, 20)
+    normalised = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    ours = functional_call(normalising, params, (x,))
+    assert torch.equal(ours, functional_call(plain, params, (normalised,)))
+    assert not torch.allclose(ours, functional_call(plain, params, (x,)))
 
 
 def test_conv4_float32_meta_gradient_is_accurate():
