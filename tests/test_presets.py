@@ -34,8 +34,8 @@ for preset in presets:
     handler = signal.getsignal(signal.SIGTERM)  # Ray's own after ray.init; never the run's any more
     assert not isinstance(getattr(handler, "__self__", None), StopRequest), "train() left its handler installed"
     saved = RunConfig.model_validate(state["config"])  # the final checkpoint's, as evaluate reads it
-    # ProtoNets are trained on 60-way episodes and tested on 5- and 20-way tasks (docs/results.md).
-    settings = [(5, 15), (20, 15)] if saved.algorithm == "protonet" else [(None, None)]
+    # Omniglot's ProtoNets are trained on 60-way episodes and tested on 5- and 20-way tasks (docs/results.md).
+    settings = [(5, 15), (20, 15)] if "omniglot-protonet" in preset else [(None, None)]
     for ways, query in settings:
         tested, _ = test_time_config(saved, ways, None, query)
         result = meta_test(tested, state["params"], "test", 2, tested.optim.test_inner_steps)
@@ -69,4 +69,4 @@ def test_every_preset_trains_and_meta_tests(ray_cluster, tmp_path):
         assert row["iteration"] == 2 and row["val"] is not None, row
         score = row["test"]["accuracy"] if "accuracy" in row["test"] else row["test"]["loss"]
         assert row["test"]["tasks"] == 2 and math.isfinite(score), row
-    assert sorted(r["ways"] for r in rows if "protonet" in r["preset"]) == [5, 5, 20, 20]
+    assert sorted(r["ways"] for r in rows if "omniglot-protonet" in r["preset"]) == [5, 5, 20, 20]
