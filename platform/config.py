@@ -86,8 +86,12 @@ class TaskConfig(_Section):
 
 
 class ModelConfig(_Section):
-    kind: Literal["mlp", "conv4"] = "mlp"
-    width: int = Field(40, gt=0, description="hidden units (mlp) or filters (conv4)")
+    kind: Literal["mlp", "conv4", "resnet12"] = "mlp"
+    width: int = Field(
+        40,
+        gt=0,
+        description="hidden units (mlp), filters (conv4), or resnet12's first stage (64: 64-160-320-640 channels)",
+    )
     bn_stats: Literal["batch", "support"] = Field(
         "batch",
         description=(
@@ -419,7 +423,7 @@ def _task_problems(config: RunConfig) -> list[str]:
     """The classification task against its data: the source is there, the splits have enough classes and images."""
     t, problems = config.task, _image_problems(config)
     if config.model.kind == "mlp" and t.kind == "omniglot":
-        problems.append("model.kind = 'mlp': Omniglot tasks need model.kind 'conv4'")
+        problems.append("model.kind = 'mlp': Omniglot tasks need model.kind 'conv4' or 'resnet12'")
     try:
         if t.kind == "omniglot":
             check_omniglot_source(t.data or default_omniglot_source())

@@ -7,6 +7,7 @@ and inputs give float64 results whatever the module's own dtype.
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,8 +23,8 @@ from platform.algorithms import (
     build_algorithm,
     vectorized,
 )
-from platform.config import RunConfig
-from platform.models import MLP, BatchNorm, Conv4
+from platform.config import RunConfig, load_config
+from platform.models import MLP, BatchNorm, Conv4, ResNet12
 from platform.tasks import Task
 
 TIGHT = {"rtol": 1e-9, "atol": 1e-12}
@@ -758,3 +759,138 @@ def test_adapt_to_and_query_outputs_are_evaluates_computation(name, bn_stats):
     metrics = algo.evaluate(params, task, 3)
     assert F.cross_entropy(outputs, task.query_y).item() == metrics["loss"]
     assert (outputs.argmax(-1) == task.query_y).float().mean().item() == metrics["accuracy"]
+
+
+# --- ResNet-12 -------------------------------------------------------------------------------------
+
+
+def ref_resnet12(p: dict, x: torch.Tensor) -> torch.Tensor:
+    """ResNet-12's body written out with torch.nn.functional (batch-statistics BatchNorm), as MetaOptNet's."""
+
+    def bn(h, name):
+        return F.batch_norm(h, None, None, p[f"{name}.weight"], p[f"{name}.bias"], training=True)
+
+    for i in range(4):
+        stage, h = f"body.{i}", x
+        for j in range(3):
+            h = bn(F.conv2d(h, p[f"{stage}.convs.{j}.weight"], padding=1), f"{stage}.norms.{j}")
+            h = F.leaky_relu(h, 0.1) if j < 2 else h
+        shortcut = bn(F.conv2d(x, p[f"{stage}.shortcut.weight"]), f"{stage}.shortcut_norm")
+        x = F.max_pool2d(F.leaky_relu(h + shortcut, 0.1), 2)
+    return x.mean((2, 3))
+
+
+def test_resnet12_is_metaoptnets_network():
+    """Width 64: the 64-160-320-640 stages; any input size ends in 10 x width averaged features; the
+    module's function is the written-out one (float64)."""
+    stages = ResNet12(3, 64, 5).body[:4]
+    assert [(s.convs[0].in_channels, s.convs[0].out_channels) for s in stages] == [
+        (3, 64),
+        (64, 160),
+        (160, 320),
+        (320, 640),
+    ]
+    torch.manual_seed(0)
+    model = ResNet12(3, 4, 5)
+    params = double(dict(model.named_parameters()))
+    for size in (84, 16):
+        x = torch.rand(3, 3, size, size, dtype=torch.float64)
+        assert functional_call(
+            model.body, {k[5:]: v for k, v in params.items() if k.startswith("body.")}, (x,)
+        ).shape == (3, 40)
+        torch.testing.assert_close(
+            functional_call(model, params, (x,)), ref_head(params, ref_resnet12(params, x)), rtol=1e-10, atol=1e-12
+        )
+
+
+def resnet12_reference(name: str, params: dict, task: Task, lr: float, steps: int) -> dict:
+    """Each algorithm's outer gradient on one task, unrolled by hand through ref_resnet12."""
+    full = lambda p, x: ref_head(p, ref_resnet12(p, x))
+    theta = leaves(params)
+    if name == "protonet":
+        support, query = ref_resnet12(theta, task.support_x), ref_resnet12(theta, task.query_x)
+        prototypes = torch.stack([support[task.support_y == c].mean(0) for c in range(int(task.support_y.max()) + 1)])
+        loss = F.cross_entropy(-(torch.cdist(query, prototypes) ** 2), task.query_y)
+        return dict(zip(theta, torch.autograd.grad(loss, list(theta.values()))))
+    if name == "reptile":
+        x, y = torch.cat([task.support_x, task.query_x]), torch.cat([task.support_y, task.query_y])
+        fast = leaves(params)
+        for _ in range(steps):
+            fast = leaves(sgd(fast, list(fast), F.cross_entropy(full(fast, x), y), lr, False))
+        return {k: params[k] - fast[k].detach() for k in params}
+    weights = [k for k in theta if not k.startswith(INNER_LR)]
+    if name == "anil":  # features once; only the head adapts
+        zs, zq, predict = ref_resnet12(theta, task.support_x), ref_resnet12(theta, task.query_x), ref_head
+        names = ["head.weight", "head.bias"]
+    else:
+        zs, zq, predict, names = task.support_x, task.query_x, full, weights
+    rate = {k: theta[INNER_LR + k] for k in names} if name == "metasgd" else lr
+    fast = dict(theta)
+    for _ in range(steps):
+        fast = sgd(fast, names, F.cross_entropy(predict(fast, zs), task.support_y), rate, name != "fomaml")
+    query = F.cross_entropy(predict(fast, zq), task.query_y)
+    return dict(zip(theta, torch.autograd.grad(query, list(theta.values()))))
+
+
+def resnet12_learner(name: str):
+    torch.manual_seed(0)
+    if name == "protonet":
+        return PrototypicalNetwork(ResNet12(3, 2, None))
+    model = ResNet12(3, 2, 2)
+    if name == "reptile":
+        return Reptile(model, 0.3, 2, True, True)
+    return maml(
+        model, 0.3, 2, first_order=name == "fomaml", classification=True,
+        head_only=name == "anil", learn_inner_lr=name == "metasgd",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["maml", "fomaml", "reptile", "protonet", "anil", "metasgd"])
+def test_every_algorithms_meta_gradient_on_a_tiny_resnet12_matches_the_unrolled_reference(name):
+    """Widths 2-5-10-20 on 2-way RGB 16x16 tasks, float64; second-order MAML also against finite differences."""
+    algo = resnet12_learner(name)
+    params = double(algo.init_params())
+    task = image_task(40, ways=2, shots=2, query=2, size=16, channels=3)
+    grads, metrics = algo.outer_grad(params, [task])
+    assert metrics["tasks"] == 1
+    assert_params_close(grads, resnet12_reference(name, params, task, 0.3, 2))
+    if name == "maml":
+
+        def objective(p):
+            fast = leaves(p)
+            for _ in range(2):
+                loss = F.cross_entropy(functional_call(algo.model, fast, (task.support_x,)), task.support_y)
+                fast = leaves(sgd(fast, list(fast), loss, 0.3, False))
+            with torch.no_grad():
+                return F.cross_entropy(functional_call(algo.model, fast, (task.query_x,)), task.query_y).item()
+
+        # A sharp objective (tiny BatchNorm batches, eta 0.3): central differences converge only below 1e-7.
+        for d in random_directions(params, 2):
+            assert dot(grads, d) == pytest.approx(directional_fd(objective, params, d, eps=1e-8), rel=1e-6, abs=1e-8)
+
+
+def test_a_resnet12_chunks_gradient_does_not_depend_on_the_worker_or_what_it_computed_before(cifar10_source):
+    """What makes runs bitwise the same for 1 or 2 actors: each chunk's row is a function of its seeds
+    alone. One worker computing all 4 chunks, two fresh workers 2 each, and the first worker again in
+    reverse order give identical rows (real RGB photographs through the task pipeline)."""
+    from platform import engine
+    from platform.tasks import iteration_seeds
+
+    overrides = ["task.kind=folder", f"task.data={cifar10_source}", "task.channels=3", "task.image_size=16"]
+    overrides += ["task.ways=2", "task.shots=1", "task.query=2", "task.flip=true", "task.crop_padding=2"]
+    overrides += ["model.kind=resnet12", "model.width=2", "optim.meta_batch=4", "optim.chunk=1"]
+    config = load_config(None, overrides).model_dump(mode="json")
+    threads = torch.get_num_threads()
+    try:
+        workers = [engine.AdaptationWorker(config) for _ in range(3)]
+    finally:
+        torch.set_num_threads(threads)  # the worker pins its process to cpus_per_worker threads
+    flat = engine.flatten(workers[0].template)
+    chunks = engine.chunked(iteration_seeds(0, 0, 4), 1)
+    alone = workers[0].outer_grads(flat, chunks).grads
+    shared = np.concatenate(
+        [workers[1].outer_grads(flat, chunks[:2]).grads, workers[2].outer_grads(flat, chunks[2:]).grads]
+    )
+    again = workers[0].outer_grads(flat, chunks[::-1]).grads[::-1]
+    assert np.array_equal(alone, shared) and np.array_equal(alone, again)
+    assert len({row.tobytes() for row in alone}) == 4 and np.abs(alone).max() > 0
