@@ -85,7 +85,10 @@ def main() -> int:
         child = [sys.executable, "-m", "benchmarks.resnet12", "--one", name]
         child += ["--seconds", str(args.seconds), "--size", str(args.size), "--width", str(args.width)]
         row = json.loads(subprocess.run(child, check=True, capture_output=True, text=True).stdout)
-        print(f"{name:9s} {row['tasks_per_s']:.3f} tasks/s ({row['tasks']} tasks)  peak {row['peak_mib']:.0f} MiB", flush=True)
+        print(
+            f"{name:9s} {row['tasks_per_s']:.3f} tasks/s ({row['tasks']} tasks)  peak {row['peak_mib']:.0f} MiB",
+            flush=True,
+        )
     return 0
 
 
