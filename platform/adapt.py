@@ -112,7 +112,7 @@ def classify(learner: Learner, support: Path, queries: list[Path], steps: int | 
     images = {}
     for field, paths in (("support", support_paths), ("query", query_paths)):
         try:
-            images[field] = load_images(paths) if paths else None
+            images[field] = load_images(paths, learner.image_format) if paths else None
         except InputError as e:
             problems += e.problems
     if problems:

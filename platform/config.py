@@ -17,10 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationErr
 from pydantic_core import PydanticCustomError
 
 from platform.data import DataError, check_omniglot_source, default_omniglot_source
+from platform.images import CHANNELS, ImageFormat
 from platform.splits import TASK_SPLITS, images_per_class, split_sizes
 
 VECTORIZABLE = ("maml", "fomaml", "anil", "metasgd")  # algorithms with a vmap path (resources.vectorize)
 RAY_RESOURCE_UNIT = 0.0001  # Ray refuses fractions of a CPU or GPU finer than this
+MIN_CONV_IMAGE_SIZE = 16  # the conv models pool 2x2 four times
 MAX_SEED = 2**32 - 1  # NumPy's RandomState and Optuna's sampler (tune) take no larger seed; torch none above 2**64 - 1
 # The password of a URL: scheme://user:<password>@host (up to the last "@" before the path).
 _URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s/:@]*:)[^\s/]*@")
@@ -64,11 +66,33 @@ class TaskConfig(_Section):
         None,
         description="Omniglot: folder, https URL or s3:// URI ($METAPLATFORM_OMNIGLOT or the official download when null); folder: root/<class>/<image>",
     )
+    image_size: int = Field(28, gt=0, description="images are resized to image_size x image_size pixels")
+    channels: Literal[CHANNELS] = Field(
+        1, description="1: grayscale, inverted (ink high, Omniglot's way); 3: RGB photographs as they are"
+    )
+    mean: tuple[float, ...] | None = Field(
+        None, description="per-channel mean the model subtracts from pixels in [0, 1] (null: none); with std"
+    )
+    std: tuple[float, ...] | None = Field(
+        None, description="per-channel standard deviation the model divides by after the mean (null: none)"
+    )
+    crop_padding: int = Field(
+        0, ge=0, description="training tasks: a random crop of each image padded by this many black pixels (0: off)"
+    )
+    flip: bool = Field(False, description="training tasks: flip each image horizontally with probability 1/2")
+
+    @property
+    def image_format(self) -> ImageFormat:
+        return ImageFormat(self.image_size, self.channels)
 
 
 class ModelConfig(_Section):
-    kind: Literal["mlp", "conv4"] = "mlp"
-    width: int = Field(40, gt=0, description="hidden units (mlp) or filters (conv4)")
+    kind: Literal["mlp", "conv4", "resnet12"] = "mlp"
+    width: int = Field(
+        40,
+        gt=0,
+        description="hidden units (mlp), filters (conv4), or resnet12's first stage (64: 64-160-320-640 channels)",
+    )
     bn_stats: Literal["batch", "support"] = Field(
         "batch",
         description=(
@@ -390,11 +414,33 @@ def _regression_problems(config: RunConfig) -> list[str]:
     return problems
 
 
+def _image_problems(config: RunConfig) -> list[str]:
+    """The image format against the data, the normalisation and the model."""
+    t, problems = config.task, []
+    if t.kind == "omniglot" and t.channels != 1:
+        problems.append(f"task.channels = {t.channels}: Omniglot is grayscale; use task.channels 1")
+    if (t.mean is None) != (t.std is None):
+        given, missing = ("task.mean", "task.std") if t.std is None else ("task.std", "task.mean")
+        problems.append(f"{given} = {list(getattr(t, given[5:]))}: needs {missing} too (or neither)")
+    for name in ("mean", "std"):
+        values = getattr(t, name)
+        if values is not None and len(values) != t.channels:
+            problems.append(f"task.{name} = {list(values)}: one value per channel (task.channels = {t.channels})")
+    if t.std is not None and min(t.std) <= 0:
+        problems.append(f"task.std = {list(t.std)}: every value must be > 0")
+    if config.model.kind != "mlp" and t.image_size < MIN_CONV_IMAGE_SIZE:
+        problems.append(
+            f"task.image_size = {t.image_size}: model.kind {config.model.kind!r} halves the image 4 times; "
+            f"give at least {MIN_CONV_IMAGE_SIZE}"
+        )
+    return problems
+
+
 def _task_problems(config: RunConfig) -> list[str]:
     """The classification task against its data: the source is there, the splits have enough classes and images."""
-    t, problems = config.task, []
+    t, problems = config.task, _image_problems(config)
     if config.model.kind == "mlp" and t.kind == "omniglot":
-        problems.append("model.kind = 'mlp': Omniglot tasks need model.kind 'conv4'")
+        problems.append("model.kind = 'mlp': Omniglot tasks need model.kind 'conv4' or 'resnet12'")
     try:
         if t.kind == "omniglot":
             check_omniglot_source(t.data or default_omniglot_source())

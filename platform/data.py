@@ -1,8 +1,9 @@
 """Image data for few-shot classification: Omniglot and the user's own image folders.
 
-Every source is decoded once into a compact uint8 array (28x28, ink high) and cached on disk
-under `cache_dir()`, keyed by the content of the source files, so later loads only memory-map
-the cached array; several processes on one node then share its pages.
+Every source is decoded once into a compact uint8 array (in an `ImageFormat`: 28x28 grayscale with
+ink high by default, platform.images) and cached on disk under `cache_dir()`, keyed by the content
+of the source files and the format, so later loads only memory-map the cached array; several
+processes on one node then share its pages.
 """
 
 import contextlib
@@ -10,7 +11,6 @@ import fcntl
 import functools
 import hashlib
 import http.client
-import io
 import json
 import os
 import re
@@ -19,7 +19,6 @@ import sys
 import tempfile
 import urllib.request
 import zipfile
-import zlib
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,11 +26,10 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
-from PIL import Image
 
 from platform.files import atomic_file, atomic_write
+from platform.images import OMNIGLOT_FORMAT, DataError, ImageFormat
 
-IMAGE_SIZE = 28
 OFFICIAL_OMNIGLOT_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
 # Published checksums of the official zips (the ones torchvision checks).
 OFFICIAL_MD5 = {
@@ -41,16 +39,10 @@ OFFICIAL_MD5 = {
 # Omniglot comes in two sets of alphabets, images_<set>.zip (not to be confused with the class splits, splits.py).
 OMNIGLOT_SETS = ("background", "evaluation")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-# Part of every cache key: change it whenever the preprocessing changes.
-_PREPROCESSING = f"v1 grayscale, LANCZOS {IMAGE_SIZE}x{IMAGE_SIZE}, inverted"
 
 # (where the image comes from, for messages; a function that reads its bytes)
 _Item = tuple[str, Callable[[], bytes]]
 _Classes = list[tuple[str, list[_Item]]]
-
-
-class DataError(Exception):
-    """A data source is missing or broken; the message says which file, what is wrong and what to do."""
 
 
 # eq=False: the generated == and hash would compare and hash numpy arrays, which does not work.
@@ -58,8 +50,8 @@ class DataError(Exception):
 class ImageClasses:
     """Images grouped by class: class c owns `images[offsets[c]:offsets[c + 1]]`.
 
-    `images` is (M, 28, 28) uint8 with 0 = background and 255 = ink; when loaded from the cache
-    it is a read-only memory map.
+    `images` is uint8, (M, size, size) grayscale with 0 = background and 255 = ink, or (M, 3, size,
+    size) RGB (platform.images.ImageFormat); when loaded from the cache it is a read-only memory map.
     """
 
     images: np.ndarray
@@ -81,7 +73,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("METAPLATFORM_CACHE") or "~/.cache/metaplatform").expanduser()
 
 
-def load_omniglot(source: str | None = None) -> ImageClasses:
+def load_omniglot(source: str | None = None, image_format: ImageFormat = OMNIGLOT_FORMAT) -> ImageClasses:
     """All 1623 Omniglot characters (964 background, then 659 evaluation).
 
     `source` (default: `default_omniglot_source()`) is one of
@@ -105,7 +97,7 @@ def load_omniglot(source: str | None = None) -> ImageClasses:
         def classes() -> _Classes:
             return [c for part in OMNIGLOT_SETS for c in _omniglot_classes(part, paths[part], files[part], open_zips)]
 
-        return _cached("omniglot", [f for part in OMNIGLOT_SETS for f in files[part]], classes)
+        return _cached("omniglot", image_format, [f for part in OMNIGLOT_SETS for f in files[part]], classes)
 
 
 def check_omniglot_source(source: str) -> None:
@@ -152,18 +144,18 @@ def list_image_folder(root: str | Path) -> list[tuple[str, list[Path]]]:
     return listing
 
 
-def load_image_folder(root: str | Path) -> ImageClasses:
+def load_image_folder(root: str | Path, image_format: ImageFormat = OMNIGLOT_FORMAT) -> ImageClasses:
     """The user's own images, laid out as `root/<class>/<image>` (see list_image_folder).
 
-    Images (any format PIL reads) get Omniglot's preprocessing: transparent parts become white,
-    then grayscale, resized to 28x28 (aspect ratio not kept) and inverted. So dark drawings on a
-    light background come out with ink high, like Omniglot; light-on-dark images come out the
-    other way round.
+    Images (any format PIL reads) are converted to `image_format` (platform.images): transparent
+    parts become white, then resized (aspect ratio not kept); RGB photographs stay as they are, and
+    grayscale (the default, Omniglot's preprocessing) is inverted, so dark drawings on a light
+    background come out with ink high, like Omniglot, and light-on-dark images the other way round.
     """
     listing = list_image_folder(root)
     key_files = [(f"{name}/{p.name}", p) for name, files in listing for p in files]
     classes = [(name, [(str(p), p.read_bytes) for p in files]) for name, files in listing]
-    return _cached("folder", key_files, lambda: classes)
+    return _cached("folder", image_format, key_files, lambda: classes)
 
 
 def is_image(name: str) -> bool:
@@ -362,10 +354,12 @@ def _omniglot_classes(part: str, path: Path, files: list[tuple[str, Path]], stac
     return [(f"{part}/{a}/{c}", items) for (a, c), items in sorted(groups.items())]
 
 
-def _cached(kind: str, key_files: list[tuple[str, Path]], classes: Callable[[], _Classes]) -> ImageClasses:
-    """Loads the cache entry for the content of `key_files`, first building it from `classes()`
-    if no process has yet (listing the classes is left until then: it is slow for big zips)."""
-    key = hashlib.sha256(f"{_PREPROCESSING}\0{kind}\0".encode())
+def _cached(
+    kind: str, image_format: ImageFormat, key_files: list[tuple[str, Path]], classes: Callable[[], _Classes]
+) -> ImageClasses:
+    """Loads the cache entry for the content of `key_files` in `image_format`, first building it from
+    `classes()` if no process has yet (listing the classes is left until then: it is slow for big zips)."""
+    key = hashlib.sha256(f"{image_format.preprocessing}\0{kind}\0".encode())
     for label, path in key_files:
         try:
             with open(path, "rb") as f:
@@ -382,7 +376,7 @@ def _cached(kind: str, key_files: list[tuple[str, Path]], classes: Callable[[], 
                 if not entry.is_dir():  # another process may have built it while we waited
                     # Said because it takes a while (about a minute for Omniglot), once per node.
                     print(f"building the image cache {entry} (once per node and data set)", file=sys.stderr, flush=True)
-                    _build_entry(entry, classes())
+                    _build_entry(entry, classes(), image_format)
         except OSError as e:
             raise DataError(
                 f"cannot write the image cache in {entries} ({e}); set METAPLATFORM_CACHE to a writable folder"
@@ -395,17 +389,17 @@ def _cached(kind: str, key_files: list[tuple[str, Path]], classes: Callable[[], 
     )
 
 
-def _build_entry(entry: Path, classes: _Classes) -> None:
+def _build_entry(entry: Path, classes: _Classes, image_format: ImageFormat) -> None:
     """Decodes all images, then publishes them as `entry/` with one atomic rename."""
     # We hold the lock, so temp folders of this entry are left over from builders that crashed.
     for stale in entry.parent.glob(f".tmp-{entry.name}-*"):
         shutil.rmtree(stale)
     counts = [len(items) for _, items in classes]
-    images = np.empty((sum(counts), IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+    images = np.empty((sum(counts), *image_format.stored_shape), np.uint8)
     for i, (where, read) in enumerate(item for _, items in classes for item in items):
-        images[i] = preprocess_image(read, where)
+        images[i] = image_format.decode(read, where)
     offsets = [0, *np.cumsum(counts).tolist()]
-    index = {"preprocessing": _PREPROCESSING, "offsets": offsets, "names": [name for name, _ in classes]}
+    index = {"preprocessing": image_format.preprocessing, "offsets": offsets, "names": [name for name, _ in classes]}
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=entry.parent))
     try:
         with atomic_file(tmp / "images.npy") as f:
@@ -416,15 +410,3 @@ def _build_entry(entry: Path, classes: _Classes) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def preprocess_image(read: Callable[[], bytes], where: str) -> np.ndarray:
-    """One image as (28, 28) uint8 with ink high: grayscale on white, LANCZOS-resized, inverted."""
-    try:
-        with Image.open(io.BytesIO(read())) as img:
-            if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
-                img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
-            small = img.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, Image.DecompressionBombError) as e:
-        raise DataError(f"{where}: cannot read the image ({e}); replace or remove the file") from None
-    return 255 - np.asarray(small, dtype=np.uint8)

@@ -19,8 +19,10 @@ set's BatchNorm statistics, so a query's prediction does not depend on the other
 it; "batch" is the papers' transductive protocol, where it does (models.py).
 
 Inputs: image files (any size, grayscale or RGB, PNG/JPEG/...: converted exactly as the training
-data, `platform.data`), or float arrays / tensors (n, 1, 28, 28) or (n, 28, 28) in [0, 1] with ink
-high; for regression, x and y as numbers (n,) or (n, 1). Bad input raises InputError, one line per
+data, `platform.images`, to the run's task.image_size and task.channels), or float arrays / tensors
+(n, C, S, S) in [0, 1], C and S the run's channels and image size ((n, S, S) for one channel; one
+channel is ink high); the model normalises them by the run's task.mean/std itself. For regression,
+x and y as numbers (n,) or (n, 1). Bad input raises InputError, one line per
 problem naming the field.
 """
 
@@ -39,9 +41,9 @@ from torch import nn
 from platform.algorithms import BN_STATS, INNER_LR, Params, build
 from platform.checkpoint import load_checkpoint
 from platform.config import ConfigError, RunConfig
-from platform.data import IMAGE_SIZE, DataError, preprocess_image
+from platform.images import DataError, ImageFormat
+from platform.tasks import model_input
 
-IMAGE_SHAPE = (1, IMAGE_SIZE, IMAGE_SIZE)
 MLFLOW_URIS = ("runs:/", "models:/")
 
 
@@ -49,19 +51,18 @@ class InputError(ConfigError):
     """Bad support or query input: one line per problem, naming the field, the value and the rule."""
 
 
-def load_images(paths: Sequence[str | os.PathLike]) -> torch.Tensor:
-    """Image files as the model's input, (n, 1, 28, 28) float32: preprocessed as the training data
-    was (grayscale on white, LANCZOS 28x28, inverted: platform.data), then /255 as in tasks.py.
-    Every unreadable file is named at once."""
+def load_images(paths: Sequence[str | os.PathLike], image_format: ImageFormat) -> torch.Tensor:
+    """Image files as the model's input, (n, *image_format.shape) float32: decoded as the training data
+    was (platform.images), then /255 as in tasks.py. Every unreadable file is named at once."""
     arrays, problems = [], []
     for path in paths:
         try:
-            arrays.append(preprocess_image(Path(path).read_bytes, str(path)))
+            arrays.append(image_format.decode(Path(path).read_bytes, str(path)))
         except DataError as e:
             problems.append(str(e))
     if problems:
         raise InputError(problems)
-    return torch.from_numpy(np.stack(arrays)).float().div_(255.0).unsqueeze(1)
+    return model_input(np.stack(arrays))
 
 
 def _is_path_list(x) -> bool:
@@ -121,6 +122,10 @@ class Learner:
         return self.config.classification
 
     @property
+    def image_format(self) -> ImageFormat:
+        return self.config.task.image_format
+
+    @property
     def head_outputs(self) -> int | None:
         """How many labels a task may have at most (None: any, ProtoNets)."""
         head = self.params.get("head.weight")
@@ -139,18 +144,18 @@ class Learner:
         if isinstance(x, (str, os.PathLike)):
             raise InputError([f"{field}: {x!s}: give a list of examples (image files), not a single one"])
         if self.classification and _is_path_list(x):
-            x = load_images(x)
+            x = load_images(x, self.image_format)
         elif isinstance(x, (list, tuple)) and x and isinstance(x[0], (np.ndarray, torch.Tensor, list)):
             x = _stacked(x, field)
         t = torch.as_tensor(np.asarray(x) if isinstance(x, (list, tuple)) else x)
         if t.numel() == 0 or t.ndim == 0:
             raise InputError([f"{field}: no examples"])
         if not t.is_floating_point():
-            what = "float images in [0, 1] with ink high, or image files" if self.classification else "numbers"
+            what = "float images in [0, 1], or image files" if self.classification else "numbers"
             raise InputError([f"{field}: dtype {t.dtype}: give {what}"])
-        shape = IMAGE_SHAPE if self.classification else (1,)
-        if self.classification and t.shape[1:] == IMAGE_SHAPE[1:]:
-            t = t.unsqueeze(1)  # (n, 28, 28): one channel
+        shape = self.image_format.shape if self.classification else (1,)
+        if self.classification and shape[0] == 1 and t.shape[1:] == shape[1:]:
+            t = t.unsqueeze(1)  # (n, S, S): one channel
         elif not self.classification and t.ndim == 1:
             t = t.unsqueeze(1)
         if t.shape[1:] != shape:

@@ -6,7 +6,9 @@ meta-learned initialisation to its support set and predicts its queries (platfor
                         "params": {"steps": 3, "bn_stats": "support"}}
     -> {"predictions": {"labels": [...], "classes": [...], "probabilities": [[...], ...]}}   (regression: "values")
 
-`support_x`/`query_x` are float32 tensors (n, 1, 28, 28) in [0, 1] with ink high (regression: (n, 1)),
+`support_x`/`query_x` are float32 tensors (n, C, S, S) in [0, 1], the run's task.channels and
+task.image_size (Omniglot: (n, 1, 28, 28) with ink high; the model applies the run's task.mean/std
+itself; regression: (n, 1)),
 `support_y` the label names, strings or integers (regression: float32 (n, 1)). The signature has
 these tensor specs and a param schema (`steps`: default the run's optim.test_inner_steps;
 `bn_stats`: default support); the input example is a real task. The artifacts are the meta-trained
@@ -30,7 +32,7 @@ from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
 from platform.algorithms import BN_STATS
 from platform.config import ConfigError, RunConfig, with_values
-from platform.learner import IMAGE_SHAPE, Learner, learner_from
+from platform.learner import Learner, learner_from
 from platform.tasks import task_sampler
 
 ARTIFACTS = {"params": "params.pt", "config": "config.yaml"}
@@ -83,7 +85,7 @@ def _labels(y):
 
 
 def signature(config: RunConfig) -> ModelSignature:
-    shape = (-1, *IMAGE_SHAPE) if config.classification else (-1, 1)
+    shape = (-1, *config.task.image_format.shape) if config.classification else (-1, 1)
     labels = TensorSpec(np.dtype(object), (-1,), "support_y") if config.classification else None
     inputs = [
         TensorSpec(np.dtype(np.float32), shape, "support_x"),

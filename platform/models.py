@@ -2,6 +2,7 @@
 
 Algorithms never hold a model's parameters in the module: they call `torch.func.functional_call`
 with a parameter dict, so one model object serves every task and every adaptation step.
+MLP, Conv4 (the MAML/ProtoNets papers') and ResNet-12 (MetaOptNet's and RFS's).
 ANIL adapts only the `head.*` parameters; Prototypical Networks use the body alone.
 
 BatchNorm normalises with the statistics of the batch it is given (the papers' transductive
@@ -20,11 +21,25 @@ from platform.config import RunConfig
 
 
 class Body(nn.Sequential):
-    """A feature extractor whose normalising blocks take `stats_rows` (see the module docstring)."""
+    """A feature extractor whose normalising blocks take `stats_rows` (see the module docstring).
+
+    `pixels` (task.mean, task.std) normalises the input images per channel first: constants of the
+    run, kept as non-persistent buffers, so they are neither meta-parameters nor in a state dict;
+    they travel in the run config (the checkpoint's), from which every learner builds its model.
+    """
+
+    def __init__(self, *layers: nn.Module, pixels: tuple[tuple[float, ...], tuple[float, ...]] | None = None):
+        super().__init__(*layers)
+        self.normalises_pixels = pixels is not None
+        if pixels is not None:
+            for name, values in zip(("pixel_mean", "pixel_std"), pixels):
+                self.register_buffer(name, torch.tensor(values).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor, stats_rows: int | None = None) -> torch.Tensor:
+        if self.normalises_pixels:
+            x = (x - self.pixel_mean) / self.pixel_std
         for layer in self:
-            x = layer(x, stats_rows) if isinstance(layer, ConvBlock) else layer(x)
+            x = layer(x, stats_rows) if isinstance(layer, (ConvBlock, ResidualBlock)) else layer(x)
         return x
 
 
@@ -32,9 +47,10 @@ class MLP(nn.Module):
     """Two hidden ReLU layers (40 units each in the MAML paper's sinusoid experiment). Nothing in it
     normalises, so every row is computed on its own whatever `stats_rows` says."""
 
-    def __init__(self, in_features: int, width: int, out_features: int | None):
+    def __init__(self, in_features: int, width: int, out_features: int | None, pixels=None):
         super().__init__()
-        self.body = Body(nn.Flatten(), nn.Linear(in_features, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU())
+        layers = (nn.Flatten(), nn.Linear(in_features, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU())
+        self.body = Body(*layers, pixels=pixels)
         self.head = nn.Linear(width, out_features) if out_features else None
 
     def forward(self, x: torch.Tensor, stats_rows: int | None = None) -> torch.Tensor:
@@ -108,9 +124,10 @@ class ImageBlock(ConvBlock):
 
 
 class Conv4(nn.Module):
-    """The 4-block convolutional network of the MAML and ProtoNets papers (28x28 input -> 1x1)."""
+    """The 4-block convolutional network of the MAML and ProtoNets papers: 28x28 Omniglot -> 1x1 x width
+    features; 84x84 miniImageNet (the MAML paper's 32 filters) -> 5x5 x width, flattened."""
 
-    def __init__(self, in_channels: int, width: int, out_features: int | None):
+    def __init__(self, in_channels: int, width: int, out_features: int | None, image_size: int = 28, pixels=None):
         super().__init__()
         self.body = Body(
             _conv_block(in_channels, width, ImageBlock),
@@ -118,8 +135,52 @@ class Conv4(nn.Module):
             _conv_block(width, width),
             _conv_block(width, width),
             nn.Flatten(),
+            pixels=pixels,
         )
-        self.head = nn.Linear(width, out_features) if out_features else None
+        features = width * (image_size // 2**4) ** 2  # four 2x2 poolings, each rounding down
+        self.head = nn.Linear(features, out_features) if out_features else None
+
+    def forward(self, x: torch.Tensor, stats_rows: int | None = None) -> torch.Tensor:
+        features = self.body(x, stats_rows)
+        return self.head(features) if self.head is not None else features
+
+
+def resnet12_widths(width: int) -> tuple[int, int, int, int]:
+    """The 4 stages' channels: MetaOptNet's and RFS's 64-160-320-640 for width 64, in those proportions."""
+    return (width, int(2.5 * width), 5 * width, 10 * width)
+
+
+class ResidualBlock(nn.Module):
+    """One ResNet-12 stage (MetaOptNet, RFS): 3 x conv3x3-BN with LeakyReLU(0.1) after the first two, plus a
+    1x1 conv-BN shortcut, then LeakyReLU and a 2x2 max-pool. Convolutions have no bias (BN follows).
+    `stats_rows` goes to every BatchNorm."""
+
+    def __init__(self, in_channels: int, width: int):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(c, width, 3, padding=1, bias=False) for c in (in_channels, width, width))
+        self.norms = nn.ModuleList(BatchNorm(width) for _ in range(3))
+        self.shortcut = nn.Conv2d(in_channels, width, 1, bias=False)
+        self.shortcut_norm = BatchNorm(width)
+
+    def forward(self, x: torch.Tensor, stats_rows: int | None = None) -> torch.Tensor:
+        out = x
+        for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
+            out = norm(conv(out), stats_rows)
+            out = F.leaky_relu(out, 0.1) if i < 2 else out
+        out = out + self.shortcut_norm(self.shortcut(x), stats_rows)
+        return F.max_pool2d(F.leaky_relu(out, 0.1), 2)
+
+
+class ResNet12(nn.Module):
+    """ResNet-12 (MetaOptNet, RFS): 4 residual stages of `resnet12_widths(width)` channels, each halving the
+    image, then the average over the remaining map (5x5 at 84x84): 10 x width features at any input size."""
+
+    def __init__(self, in_channels: int, width: int, out_features: int | None, pixels=None):
+        super().__init__()
+        widths = resnet12_widths(width)
+        stages = [ResidualBlock(c, w) for c, w in zip((in_channels, *widths[:-1]), widths)]
+        self.body = Body(*stages, nn.AdaptiveAvgPool2d(1), nn.Flatten(), pixels=pixels)
+        self.head = nn.Linear(widths[-1], out_features) if out_features else None
 
     def forward(self, x: torch.Tensor, stats_rows: int | None = None) -> torch.Tensor:
         features = self.body(x, stats_rows)
@@ -128,12 +189,16 @@ class Conv4(nn.Module):
 
 def build_model(config: RunConfig) -> nn.Module:
     """The model a run config asks for. Parameters are initialised from torch's global RNG."""
-    if config.task.kind == "sinusoid":
-        in_features, out = 1, 1
-    else:
-        in_features, out = 28 * 28, config.task.ways
+    t = config.task
+    out = 1 if t.kind == "sinusoid" else t.ways
     if config.algorithm == "protonet":
         out = None  # prototypes live in the embedding space: no classifier head
+    if t.kind == "sinusoid":
+        return MLP(1, config.model.width, out)
+    pixels = None if t.mean is None else (t.mean, t.std)
+    channels, size = t.image_format.channels, t.image_format.size
     if config.model.kind == "mlp":
-        return MLP(in_features, config.model.width, out)
-    return Conv4(1, config.model.width, out)
+        return MLP(channels * size * size, config.model.width, out, pixels)
+    if config.model.kind == "resnet12":
+        return ResNet12(channels, config.model.width, out, pixels)
+    return Conv4(channels, config.model.width, out, size, pixels)

@@ -6,8 +6,9 @@
 
 POST / {"support_x": [...], "support_y": [...], "query_x": [...], "steps"?: N, "task_id"?: "..."}
   -> {"task_id": "...", "adapted": true, "classes": [...], "labels": [...], "probabilities": [[...]]}
-     (regression: "values"). `support_x`/`query_x` are nested lists: images (n, 1, 28, 28) or
-     (n, 28, 28) in [0, 1] with ink high, or x values (n,) / (n, 1); labels are the user's names.
+     (regression: "values"). `support_x`/`query_x` are nested lists: images (n, C, S, S) in [0, 1] of
+     the run's task.channels and task.image_size ((n, S, S) for one channel, ink high; Omniglot's
+     S is 28), or x values (n,) / (n, 1); labels are the user's names.
 POST / {"task_id": "...", "query_x": [...]}: predicts with the task adapted before, no adaptation.
 GET /  -> the replica's model, limits, cache occupancy, adaptation count and RSS.
 
@@ -101,7 +102,7 @@ def examples(value, field: str, limit: int, limit_name: str, pixels: bool) -> np
         raise BadRequest([f"{field}: must hold only numbers (nested lists of numbers)"])
     array = array.astype(np.float32)
     if pixels and not ((array >= 0) & (array <= 1)).all():  # also catches NaN
-        raise BadRequest([f"{field}: pixel values must be finite numbers in [0, 1] with ink high (not 0-255)"])
+        raise BadRequest([f"{field}: pixel values must be finite numbers in [0, 1] (not 0-255)"])
     return array
 
 

@@ -15,6 +15,7 @@ import torch
 
 from platform.config import TaskConfig
 from platform.data import ImageClasses, load_image_folder, load_omniglot
+from platform.images import augment
 from platform.splits import ROTATIONS, TASK_SPLITS, folder_classes, folder_root, omniglot_characters
 from platform.streams import Stream
 
@@ -28,6 +29,13 @@ class Task:
 
     def to(self, device) -> Task:
         return Task(*(t.to(device) for t in (self.support_x, self.support_y, self.query_x, self.query_y)))
+
+
+def model_input(images: np.ndarray) -> torch.Tensor:
+    """uint8 images (n, H, W) or (n, C, H, W) as the model takes them: float32 (n, C, H, W) in [0, 1]
+    (the model normalises them further when task.mean/std are set: platform.models)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
+    return x.unsqueeze(1) if x.ndim == 3 else x
 
 
 def iteration_seeds(seed: int, iteration: int, count: int) -> list[int]:
@@ -68,13 +76,26 @@ class ImageClassificationTasks:
 
     A class is (source class index, rotation); `rotations` is 4 for Omniglot, 1 for a user's folder.
     Labels are 0..N-1 in the order the classes were drawn, so their meaning changes per task.
+    Training tasks are augmented (`crop_padding`, `flip`: platform.images.augment) from a stream of
+    their own, so a task's classes and images are the same with augmentation on or off.
     """
 
     def __init__(
-        self, split: str, images: ImageClasses, classes: np.ndarray, ways: int, shots: int, query: int, rotations: int
+        self,
+        split: str,
+        images: ImageClasses,
+        classes: np.ndarray,
+        ways: int,
+        shots: int,
+        query: int,
+        rotations: int,
+        crop_padding: int = 0,
+        flip: bool = False,
     ):
         self.split, self.images, self.classes = split, images, classes
         self.ways, self.shots, self.query, self.rotations = ways, shots, query, rotations
+        self.augments = split == "train" and (crop_padding > 0 or flip)
+        self.crop_padding, self.flip = crop_padding, flip
 
     @property
     def num_classes(self) -> int:
@@ -88,8 +109,12 @@ class ImageClassificationTasks:
         for label, c in enumerate(picked):
             pool = self.images.class_images(self.classes[c // self.rotations])
             chosen = pool[stream.choice(len(pool), per_class)]
-            batch[label] = np.rot90(chosen, k=int(c % self.rotations), axes=(1, 2))
-        x = torch.from_numpy(batch).float().div_(255.0).unsqueeze(2)  # (ways, per_class, 1, H, W)
+            batch[label] = np.rot90(chosen, k=int(c % self.rotations), axes=(-2, -1))
+        images = batch.reshape(-1, *batch.shape[2:])
+        if self.augments:
+            images = augment(images, Stream("augment", self.split, seed), self.crop_padding, self.flip)
+        x = model_input(images)
+        x = x.view(self.ways, per_class, *x.shape[1:])  # (ways, per_class, C, H, W)
         y = torch.arange(self.ways).unsqueeze(1).expand(self.ways, per_class)
         s = self.shots
         return Task(
@@ -107,9 +132,11 @@ def task_sampler(config: TaskConfig, split: str):
     if config.kind == "sinusoid":
         return SinusoidTasks(split, config.shots, config.query)
     if config.kind == "omniglot":
-        images = load_omniglot(config.data)
+        images = load_omniglot(config.data, config.image_format)
         classes, rotations = omniglot_characters(config.split, split), ROTATIONS
     else:
-        images = load_image_folder(folder_root(config))
+        images = load_image_folder(folder_root(config), config.image_format)
         classes, rotations = folder_classes(len(images), split), 1
-    return ImageClassificationTasks(split, images, classes, config.ways, config.shots, config.query, rotations)
+    return ImageClassificationTasks(
+        split, images, classes, config.ways, config.shots, config.query, rotations, config.crop_padding, config.flip
+    )

@@ -74,6 +74,15 @@ def omniglot_source() -> str:
 
 
 @pytest.fixture(scope="session")
+def cifar10_source() -> Path:
+    """The shared CIFAR-10 photographs (600 RGB 32x32 JPEGs per class) beside the project, a `folder` data set."""
+    source = REPO.parent / "shared" / "data" / "cifar10"
+    if not (source / "airplane").is_dir():
+        pytest.fail(f"CIFAR-10 photographs not found at {source}")
+    return source
+
+
+@pytest.fixture(scope="session")
 def omniglot_cache() -> Path:
     """The session's cache folder, where the full Omniglot decode is built once."""
     return OMNIGLOT_CACHE

@@ -18,6 +18,7 @@ from platform.checkpoint import CheckpointStore
 from platform.config import RunConfig
 from platform.data import load_image_folder
 from platform.engine import EVAL_METRICS, AdaptationWorker, flatten
+from platform.images import ImageFormat
 from platform.learner import InputError, learner_from, load_images, load_learner
 from platform.metatest import meta_test
 from platform.tasks import evaluation_seeds, task_sampler
@@ -184,15 +185,17 @@ def test_more_labels_than_the_head_is_an_error_but_protonets_take_any_number(fol
 
 def test_image_files_are_converted_exactly_as_the_training_data(tmp_path):
     """An RGB JPEG and a grayscale PNG with transparency, of other sizes: the pixels a folder data set
-    trains on (platform.data's cache), divided by 255 as tasks.py does."""
+    trains on (platform.data's cache), divided by 255 as tasks.py does, in grayscale and in RGB."""
     (tmp_path / "c").mkdir()
     rng = np.random.default_rng(1)
     Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(tmp_path / "c" / "a.jpg")
     Image.fromarray(rng.integers(0, 256, (50, 50, 2), dtype=np.uint8), "LA").save(tmp_path / "c" / "b.png")
-    training = load_image_folder(tmp_path).images
-    ours = load_images([tmp_path / "c" / "a.jpg", tmp_path / "c" / "b.png"])
-    assert ours.shape == (2, 1, 28, 28) and ours.dtype == torch.float32
-    assert torch.equal(ours[:, 0], torch.from_numpy(np.array(training)).float() / 255)
+    files = [tmp_path / "c" / "a.jpg", tmp_path / "c" / "b.png"]
+    for image_format in (ImageFormat(), ImageFormat(32, 3)):
+        training = np.array(load_image_folder(tmp_path, image_format).images)
+        ours = load_images(files, image_format)
+        assert ours.shape == (2, *image_format.shape) and ours.dtype == torch.float32
+        assert torch.equal(ours.reshape(training.shape), torch.from_numpy(training).float() / 255)
 
 
 def test_bad_inputs_name_the_field(maml_model):

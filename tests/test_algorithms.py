@@ -7,6 +7,7 @@ and inputs give float64 results whatever the module's own dtype.
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,8 +23,8 @@ from platform.algorithms import (
     build_algorithm,
     vectorized,
 )
-from platform.config import RunConfig
-from platform.models import MLP, BatchNorm, Conv4
+from platform.config import RunConfig, load_config
+from platform.models import MLP, BatchNorm, Conv4, ResNet12
 from platform.tasks import Task
 
 TIGHT = {"rtol": 1e-9, "atol": 1e-12}
@@ -49,15 +50,17 @@ def regression_task(seed: int, shots: int = 5, query: int = 7) -> Task:
     return Task(x[:shots], y[:shots], x[shots:], y[shots:])
 
 
-def image_task(seed: int, ways: int = 3, shots: int = 2, query: int = 3, size: int = 4, shuffle: bool = False) -> Task:
+def image_task(
+    seed: int, ways: int = 3, shots: int = 2, query: int = 3, size: int = 4, shuffle: bool = False, channels: int = 1
+) -> Task:
     g = torch.Generator().manual_seed(seed)
-    centers = torch.rand(ways, 1, size, size, generator=g, dtype=torch.float64)
+    centers = torch.rand(ways, channels, size, size, generator=g, dtype=torch.float64)
 
     def draw(per_class: int):
         y = torch.arange(ways).repeat_interleave(per_class)
         if shuffle:
             y = y[torch.randperm(len(y), generator=g)]
-        x = centers[y] + 0.3 * torch.rand(len(y), 1, size, size, generator=g, dtype=torch.float64)
+        x = centers[y] + 0.3 * torch.rand(len(y), channels, size, size, generator=g, dtype=torch.float64)
         return x, y
 
     return Task(*draw(shots), *draw(query))
@@ -611,6 +614,39 @@ def test_conv4_is_the_papers_network_in_outputs_and_meta_gradients():
     assert_params_close(grads, expected, rtol=1e-9, atol=1e-13)
 
 
+def test_conv4_on_rgb_images_of_another_size_is_the_papers_network():
+    """3 channels at 32x32 (2x2 maps flattened into the head): the folded first block takes every channel's
+    patches; outputs and the second-order meta-gradient equal the written-out network's, in float64."""
+    torch.manual_seed(0)
+    model = Conv4(3, 5, 3, image_size=32)
+    assert model.head.in_features == 5 * 2 * 2
+    params = double(dict(model.named_parameters()))
+    task = image_task(5, ways=3, shots=2, query=4, size=32, channels=3)
+    torch.testing.assert_close(
+        functional_call(model, params, (task.query_x,)), paper_conv4(params, task.query_x), rtol=1e-10, atol=1e-12
+    )
+    grads = GradientMetaLearner(model, 0.4, 1, False, True).outer_grad(params, [task])[0]
+    expected = paper_meta_gradient(params, task)
+    grads.pop("body.0.0.bias"), expected.pop("body.0.0.bias")  # cancels in BN: 0 (ours exactly), 1e-13 noise
+    assert_params_close(grads, expected, rtol=1e-9, atol=1e-13)
+
+
+def test_pixel_normalisation_is_part_of_the_model_and_no_parameter():
+    """task.mean/std: the body normalises its input per channel, exactly as normalising the images first;
+    the constants are neither meta-parameters nor in the state dict (they travel in the run config)."""
+    torch.manual_seed(0)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    plain, normalising = Conv4(3, 4, 5, image_size=20), Conv4(3, 4, 5, image_size=20, pixels=(mean, std))
+    params = dict(plain.named_parameters())
+    assert [k for k, _ in normalising.named_parameters()] == list(params)
+    assert normalising.state_dict().keys() == plain.state_dict().keys()
+    x = torch.rand(6, 3, 20, 20)
+    normalised = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    ours = functional_call(normalising, params, (x,))
+    assert torch.equal(ours, functional_call(plain, params, (normalised,)))
+    assert not torch.allclose(ours, functional_call(plain, params, (x,)))
+
+
 def test_conv4_float32_meta_gradient_is_accurate():
     """In float32 the folded first block (statistics in float64) stays within 1e-5 of the float64 truth."""
     model, params, task = conv4_setup(width=16, dtype=torch.float32)
@@ -723,3 +759,138 @@ def test_adapt_to_and_query_outputs_are_evaluates_computation(name, bn_stats):
     metrics = algo.evaluate(params, task, 3)
     assert F.cross_entropy(outputs, task.query_y).item() == metrics["loss"]
     assert (outputs.argmax(-1) == task.query_y).float().mean().item() == metrics["accuracy"]
+
+
+# --- ResNet-12 -------------------------------------------------------------------------------------
+
+
+def ref_resnet12(p: dict, x: torch.Tensor) -> torch.Tensor:
+    """ResNet-12's body written out with torch.nn.functional (batch-statistics BatchNorm), as MetaOptNet's."""
+
+    def bn(h, name):
+        return F.batch_norm(h, None, None, p[f"{name}.weight"], p[f"{name}.bias"], training=True)
+
+    for i in range(4):
+        stage, h = f"body.{i}", x
+        for j in range(3):
+            h = bn(F.conv2d(h, p[f"{stage}.convs.{j}.weight"], padding=1), f"{stage}.norms.{j}")
+            h = F.leaky_relu(h, 0.1) if j < 2 else h
+        shortcut = bn(F.conv2d(x, p[f"{stage}.shortcut.weight"]), f"{stage}.shortcut_norm")
+        x = F.max_pool2d(F.leaky_relu(h + shortcut, 0.1), 2)
+    return x.mean((2, 3))
+
+
+def test_resnet12_is_metaoptnets_network():
+    """Width 64: the 64-160-320-640 stages; any input size ends in 10 x width averaged features; the
+    module's function is the written-out one (float64)."""
+    stages = ResNet12(3, 64, 5).body[:4]
+    assert [(s.convs[0].in_channels, s.convs[0].out_channels) for s in stages] == [
+        (3, 64),
+        (64, 160),
+        (160, 320),
+        (320, 640),
+    ]
+    torch.manual_seed(0)
+    model = ResNet12(3, 4, 5)
+    params = double(dict(model.named_parameters()))
+    for size in (84, 16):
+        x = torch.rand(3, 3, size, size, dtype=torch.float64)
+        assert functional_call(
+            model.body, {k[5:]: v for k, v in params.items() if k.startswith("body.")}, (x,)
+        ).shape == (3, 40)
+        torch.testing.assert_close(
+            functional_call(model, params, (x,)), ref_head(params, ref_resnet12(params, x)), rtol=1e-10, atol=1e-12
+        )
+
+
+def resnet12_reference(name: str, params: dict, task: Task, lr: float, steps: int) -> dict:
+    """Each algorithm's outer gradient on one task, unrolled by hand through ref_resnet12."""
+    full = lambda p, x: ref_head(p, ref_resnet12(p, x))
+    theta = leaves(params)
+    if name == "protonet":
+        support, query = ref_resnet12(theta, task.support_x), ref_resnet12(theta, task.query_x)
+        prototypes = torch.stack([support[task.support_y == c].mean(0) for c in range(int(task.support_y.max()) + 1)])
+        loss = F.cross_entropy(-(torch.cdist(query, prototypes) ** 2), task.query_y)
+        return dict(zip(theta, torch.autograd.grad(loss, list(theta.values()))))
+    if name == "reptile":
+        x, y = torch.cat([task.support_x, task.query_x]), torch.cat([task.support_y, task.query_y])
+        fast = leaves(params)
+        for _ in range(steps):
+            fast = leaves(sgd(fast, list(fast), F.cross_entropy(full(fast, x), y), lr, False))
+        return {k: params[k] - fast[k].detach() for k in params}
+    weights = [k for k in theta if not k.startswith(INNER_LR)]
+    if name == "anil":  # features once; only the head adapts
+        zs, zq, predict = ref_resnet12(theta, task.support_x), ref_resnet12(theta, task.query_x), ref_head
+        names = ["head.weight", "head.bias"]
+    else:
+        zs, zq, predict, names = task.support_x, task.query_x, full, weights
+    rate = {k: theta[INNER_LR + k] for k in names} if name == "metasgd" else lr
+    fast = dict(theta)
+    for _ in range(steps):
+        fast = sgd(fast, names, F.cross_entropy(predict(fast, zs), task.support_y), rate, name != "fomaml")
+    query = F.cross_entropy(predict(fast, zq), task.query_y)
+    return dict(zip(theta, torch.autograd.grad(query, list(theta.values()))))
+
+
+def resnet12_learner(name: str):
+    torch.manual_seed(0)
+    if name == "protonet":
+        return PrototypicalNetwork(ResNet12(3, 2, None))
+    model = ResNet12(3, 2, 2)
+    if name == "reptile":
+        return Reptile(model, 0.3, 2, True, True)
+    return maml(
+        model, 0.3, 2, first_order=name == "fomaml", classification=True,
+        head_only=name == "anil", learn_inner_lr=name == "metasgd",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["maml", "fomaml", "reptile", "protonet", "anil", "metasgd"])
+def test_every_algorithms_meta_gradient_on_a_tiny_resnet12_matches_the_unrolled_reference(name):
+    """Widths 2-5-10-20 on 2-way RGB 16x16 tasks, float64; second-order MAML also against finite differences."""
+    algo = resnet12_learner(name)
+    params = double(algo.init_params())
+    task = image_task(40, ways=2, shots=2, query=2, size=16, channels=3)
+    grads, metrics = algo.outer_grad(params, [task])
+    assert metrics["tasks"] == 1
+    assert_params_close(grads, resnet12_reference(name, params, task, 0.3, 2))
+    if name == "maml":
+
+        def objective(p):
+            fast = leaves(p)
+            for _ in range(2):
+                loss = F.cross_entropy(functional_call(algo.model, fast, (task.support_x,)), task.support_y)
+                fast = leaves(sgd(fast, list(fast), loss, 0.3, False))
+            with torch.no_grad():
+                return F.cross_entropy(functional_call(algo.model, fast, (task.query_x,)), task.query_y).item()
+
+        # A sharp objective (tiny BatchNorm batches, eta 0.3): central differences converge only below 1e-7.
+        for d in random_directions(params, 2):
+            assert dot(grads, d) == pytest.approx(directional_fd(objective, params, d, eps=1e-8), rel=1e-6, abs=1e-8)
+
+
+def test_a_resnet12_chunks_gradient_does_not_depend_on_the_worker_or_what_it_computed_before(cifar10_source):
+    """What makes runs bitwise the same for 1 or 2 actors: each chunk's row is a function of its seeds
+    alone. One worker computing all 4 chunks, two fresh workers 2 each, and the first worker again in
+    reverse order give identical rows (real RGB photographs through the task pipeline)."""
+    from platform import engine
+    from platform.tasks import iteration_seeds
+
+    overrides = ["task.kind=folder", f"task.data={cifar10_source}", "task.channels=3", "task.image_size=16"]
+    overrides += ["task.ways=2", "task.shots=1", "task.query=2", "task.flip=true", "task.crop_padding=2"]
+    overrides += ["model.kind=resnet12", "model.width=2", "optim.meta_batch=4", "optim.chunk=1"]
+    config = load_config(None, overrides).model_dump(mode="json")
+    threads = torch.get_num_threads()
+    try:
+        workers = [engine.AdaptationWorker(config) for _ in range(3)]
+    finally:
+        torch.set_num_threads(threads)  # the worker pins its process to cpus_per_worker threads
+    flat = engine.flatten(workers[0].template)
+    chunks = engine.chunked(iteration_seeds(0, 0, 4), 1)
+    alone = workers[0].outer_grads(flat, chunks).grads
+    shared = np.concatenate(
+        [workers[1].outer_grads(flat, chunks[:2]).grads, workers[2].outer_grads(flat, chunks[2:]).grads]
+    )
+    again = workers[0].outer_grads(flat, chunks[::-1]).grads[::-1]
+    assert np.array_equal(alone, shared) and np.array_equal(alone, again)
+    assert len({row.tobytes() for row in alone}) == 4 and np.abs(alone).max() > 0

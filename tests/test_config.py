@@ -208,6 +208,38 @@ def test_model_and_algorithm_must_fit_the_task(overrides, needle):
     assert needle in problem
 
 
+@pytest.mark.parametrize(
+    "overrides, problems",
+    [
+        (["task.channels=3"], ["task.channels = 3: Omniglot is grayscale; use task.channels 1"]),
+        (["task.channels=2"], ["task.channels = 2: Input should be 1 or 3"]),
+        (["task.mean=[0.5]"], ["task.mean = [0.5]: needs task.std too (or neither)"]),
+        (
+            ["task.mean=[0.5, 0.5, 0.5]", "task.std=[0.2, 0.2, 0.2]"],
+            [
+                "task.mean = [0.5, 0.5, 0.5]: one value per channel (task.channels = 1)",
+                "task.std = [0.2, 0.2, 0.2]: one value per channel (task.channels = 1)",
+            ],
+        ),
+        (["task.mean=[0.5]", "task.std=[0]"], ["task.std = [0.0]: every value must be > 0"]),
+        (
+            ["task.image_size=12"],
+            ["task.image_size = 12: model.kind 'conv4' halves the image 4 times; give at least 16"],
+        ),
+        (["task.crop_padding=-1"], ["task.crop_padding = -1: Input should be greater than or equal to 0"]),
+    ],
+)
+def test_image_format_and_normalisation_are_checked(overrides, problems):
+    assert problems_of(None, [*OMNIGLOT, *overrides]) == [f"config: {p}" for p in problems]
+
+
+def test_image_settings_load_back_from_the_resolved_config():
+    overrides = ["task.image_size=84", "task.mean=[0.4]", "task.std=[0.25]", "task.crop_padding=8", "task.flip=true"]
+    config = load_config(None, [*OMNIGLOT, *overrides])
+    assert (config.task.image_format.shape, config.task.mean, config.task.std) == ((1, 84, 84), (0.4,), (0.25,))
+    assert RunConfig.model_validate(yaml.safe_load(config.to_yaml())) == config
+
+
 def test_more_workers_than_gradient_chunks():
     (problem,) = problems_of(None, ["optim.meta_batch=8", "optim.chunk=4", "resources.workers=3"])
     assert "resources.workers = 3" in problem and "2 gradient chunks" in problem

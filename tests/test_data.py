@@ -19,6 +19,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from platform import data
+from platform.images import OMNIGLOT_FORMAT, ImageFormat
 
 REPO = Path(__file__).resolve().parents[1]
 # A small Omniglot-layout set: alphabets listed out of order to check the sorting.
@@ -479,6 +480,28 @@ def test_image_folder(tmp_path):
     np.testing.assert_array_equal(b, expected)
     np.testing.assert_array_equal(c, expected)  # transparency counts as white paper
     assert b.mean() < 128
+
+
+def test_image_folder_in_rgb_at_another_size(tmp_path, cache):
+    """RGB photographs stay in colour (channels first, not inverted), transparency on white, resized to the
+    format's size. Each format is a cache entry of its own, and 28x28 grayscale keeps the key caches were
+    built under before RGB existed."""
+    root = tmp_path / "photos"
+    (root / "a").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    translucent = Image.fromarray(rng.integers(0, 256, (20, 20, 4), dtype=np.uint8), "RGBA")
+    (root / "a" / "p.png").write_bytes(png(photo))
+    (root / "a" / "q.png").write_bytes(png(translucent))
+    rgb = data.load_image_folder(root, ImageFormat(32, 3))
+    assert rgb.images.shape == (2, 3, 32, 32) and rgb.images.dtype == np.uint8
+    on_white = Image.alpha_composite(Image.new("RGBA", (20, 20), "white"), translucent).convert("RGB")
+    for image, original in zip(rgb.images, (photo, on_white)):
+        expected = np.asarray(original.resize((32, 32), Image.Resampling.LANCZOS)).transpose(2, 0, 1)
+        np.testing.assert_array_equal(image, expected)
+    assert data.load_image_folder(root).images.shape == (2, 28, 28)
+    assert len(entries(cache)) == 2
+    assert OMNIGLOT_FORMAT.preprocessing == "v1 grayscale, LANCZOS 28x28, inverted"
 
 
 def test_image_folder_errors(tmp_path, cache):

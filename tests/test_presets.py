@@ -15,6 +15,13 @@ from platform.config import load_config
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = sorted((REPO / "configs").glob("*.yaml"))
 RESULTS = REPO / "docs" / "results.md"
+# The folder presets name no data (it is the user's): they are run on the shared CIFAR-10 photographs.
+FOLDER_DATA = [f"task.data={REPO.parent / 'shared' / 'data' / 'cifar10'}"]
+
+
+def data_overrides(preset: Path) -> list[str]:
+    return FOLDER_DATA if "kind: folder" in preset.read_text() else []
+
 
 # The presets' own settings, shrunk to the smallest run that still goes through every part:
 # training, meta-validation, checkpoint, meta-test. One driver process runs them all (starting a
@@ -27,15 +34,15 @@ from platform.config import RunConfig, load_config
 from platform.metatest import meta_test, test_time_config
 from platform.train import StopRequest, train
 
-root, smoke, presets = Path(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3:]
-for preset in presets:
-    config = load_config(preset, [*smoke, f"checkpoint.dir={root / Path(preset).stem}", "tracking.mlflow=false"])
+root, smoke, presets = Path(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
+for preset, data in presets:
+    config = load_config(preset, [*smoke, *data, f"checkpoint.dir={root / Path(preset).stem}", "tracking.mlflow=false"])
     state = train(config)
     handler = signal.getsignal(signal.SIGTERM)  # Ray's own after ray.init; never the run's any more
     assert not isinstance(getattr(handler, "__self__", None), StopRequest), "train() left its handler installed"
     saved = RunConfig.model_validate(state["config"])  # the final checkpoint's, as evaluate reads it
-    # ProtoNets are trained on 60-way episodes and tested on 5- and 20-way tasks (docs/results.md).
-    settings = [(5, 15), (20, 15)] if saved.algorithm == "protonet" else [(None, None)]
+    # Omniglot's ProtoNets are trained on 60-way episodes and tested on 5- and 20-way tasks (docs/results.md).
+    settings = [(5, 15), (20, 15)] if "omniglot-protonet" in preset else [(None, None)]
     for ways, query in settings:
         tested, _ = test_time_config(saved, ways, None, query)
         result = meta_test(tested, state["params"], "test", 2, tested.optim.test_inner_steps)
@@ -46,7 +53,7 @@ for preset in presets:
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
 def test_preset_validates_and_says_what_it_reproduces(preset):
-    config = load_config(str(preset))
+    config = load_config(str(preset), data_overrides(preset))
     assert preset.read_text().startswith("# "), f"{preset.name}: no comment saying what it reproduces"
     assert config.checkpoint.dir == f"checkpoints/{preset.stem}", "each preset checkpoints in its own folder"
 
@@ -59,7 +66,7 @@ def test_every_preset_is_in_the_results_doc():
 
 def test_every_preset_trains_and_meta_tests(ray_cluster, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tmp_path), json.dumps(SMOKE), *map(str, PRESETS)],
+        [sys.executable, "-c", SCRIPT, str(tmp_path), json.dumps(SMOKE), json.dumps([(str(p), data_overrides(p)) for p in PRESETS])],
         check=False, cwd=REPO, env=ray_cluster.subprocess_env(), capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
@@ -69,4 +76,4 @@ def test_every_preset_trains_and_meta_tests(ray_cluster, tmp_path):
         assert row["iteration"] == 2 and row["val"] is not None, row
         score = row["test"]["accuracy"] if "accuracy" in row["test"] else row["test"]["loss"]
         assert row["test"]["tasks"] == 2 and math.isfinite(score), row
-    assert sorted(r["ways"] for r in rows if "protonet" in r["preset"]) == [5, 5, 20, 20]
+    assert sorted(r["ways"] for r in rows if "omniglot-protonet" in r["preset"]) == [5, 5, 20, 20]

@@ -352,6 +352,63 @@ def test_folder_ignores_hidden_folders_and_other_files(tmp_path, monkeypatch):
     assert sum(splits.split_sizes(config).values()) == 7
 
 
+def rgb_folder(root: Path, classes: int = 10, per_class: int = 5) -> Path:
+    """root/<class>/<i>.png: random 20x24 RGB images, so every crop and flip of one is told apart."""
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(root / f"c{c}" / f"{i}.png")
+    return root
+
+
+def test_rgb_folder_tasks_are_the_cached_pixels_over_255(tmp_path, monkeypatch):
+    monkeypatch.setenv("METAPLATFORM_CACHE", str(tmp_path / "cache"))
+    config = TaskConfig(kind="folder", data=str(rgb_folder(tmp_path / "rgb")), ways=2, shots=1, query=3)
+    config = config.model_copy(update={"image_size": 16, "channels": 3})
+    sampler = tasks.task_sampler(config, "train")
+    task = sampler.sample(0)
+    assert task.support_x.shape == (2, 3, 16, 16) and task.query_x.shape == (6, 3, 16, 16)
+    pixels = np.array(sampler.images.images)  # a writable copy of the memory map
+    assert pixels.shape == (50, 3, 16, 16)
+    for image in torch.cat([task.support_x, task.query_x]):
+        assert any(torch.equal(image, torch.from_numpy(p).float() / 255) for p in pixels)
+
+
+def crops_and_flips(image: torch.Tensor, padding: int) -> list[tuple[tuple[int, int, bool], torch.Tensor]]:
+    """Every augmentation of `image` (C, H, W): ((dy, dx, flipped), the crop of it padded with black)."""
+    padded = torch.nn.functional.pad(image, [padding] * 4)
+    h, w = image.shape[-2:]
+    views = []
+    for dy in range(2 * padding + 1):
+        for dx in range(2 * padding + 1):
+            crop = padded[:, dy : dy + h, dx : dx + w]
+            views += [((dy, dx, False), crop), ((dy, dx, True), crop.flip(-1))]
+    return views
+
+
+def test_training_augmentation_is_drawn_from_the_task_seed(tmp_path, monkeypatch):
+    """task.crop_padding / task.flip: each training image is a random padded crop of itself, flipped or not;
+    the task is still a pure function of its seed, with the same classes and images as without
+    augmentation; meta-validation and meta-test tasks are never augmented."""
+    monkeypatch.setenv("METAPLATFORM_CACHE", str(tmp_path / "cache"))
+    root = rgb_folder(tmp_path / "rgb")
+    plain = TaskConfig(kind="folder", data=str(root), ways=2, shots=2, query=3, image_size=16, channels=3)
+    augmented = plain.model_copy(update={"crop_padding": 2, "flip": True})
+    draws = set()
+    for seed in range(4):
+        ours, original = (tasks.task_sampler(c, "train").sample(seed) for c in (augmented, plain))
+        assert_same_task(ours, tasks.task_sampler(augmented, "train").sample(seed))
+        assert torch.equal(ours.support_y, original.support_y) and torch.equal(ours.query_y, original.query_y)
+        pairs = zip(torch.cat([ours.support_x, ours.query_x]), torch.cat([original.support_x, original.query_x]))
+        for image, source in pairs:
+            [draw] = [d for d, view in crops_and_flips(source, 2) if torch.equal(view, image)]
+            draws.add(draw)
+    assert {d[2] for d in draws} == {False, True} and len({d[:2] for d in draws}) > 5
+    for split in ("val", "test"):
+        assert_same_task(tasks.task_sampler(augmented, split).sample(0), tasks.task_sampler(plain, split).sample(0))
+
+
 def test_folder_and_sinusoid_errors(tmp_path):
     from platform.data import DataError
 
