@@ -19,7 +19,7 @@ import numpy as np
 import ray
 import torch
 
-from platform.config import OptimConfig, RunConfig
+from platform.config import OptimConfig, RunConfig, with_values
 from platform.engine import ChunkGradients, WorkerPool, flatten, gradient_chunks, unflatten
 from platform.metatest import summarize
 from platform.tasks import evaluation_seeds, iteration_seeds
@@ -40,6 +40,16 @@ def connect_ray(cpus_needed: float, env_vars: dict[str, str] | None = None) -> N
         ray.init(
             address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed)), include_dashboard=False, **quiet
         )
+
+
+def with_absolute_data(config: RunConfig) -> RunConfig:
+    """`config` with a relative local `task.data` made absolute from this process's folder, unless a
+    cluster is named (RAY_ADDRESS: a Ray job's working directory is where its actors resolve it): the
+    actors of a private instance do not run in the driver's folder."""
+    data = config.task.data
+    if not data or "://" in data or os.path.isabs(data) or os.environ.get("RAY_ADDRESS"):
+        return config
+    return with_values(config, {"task.data": os.path.abspath(data)})
 
 
 def outer_lr(optim: OptimConfig, iteration: int) -> float:

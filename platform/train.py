@@ -21,7 +21,7 @@ from platform.checkpoint import CheckpointError, CheckpointStore, CheckpointWrit
 from platform.cli import config_parser, first_line, run, warn
 from platform.config import ConfigError, RunConfig, load_config
 from platform.data import DataError
-from platform.driver import IterationRecord, make_optimizer, meta_step, meta_validate, window_rates
+from platform.driver import IterationRecord, make_optimizer, meta_step, meta_validate, window_rates, with_absolute_data
 from platform.engine import WorkerFailureError, WorkerPool, WorkerStartError
 from platform.local import execution
 from platform.metatest import format_eval
@@ -363,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_intermixed_args(argv)  # overrides may come before and after options
     config = load_config(args.config, args.overrides + (["checkpoint.resume=true"] if args.resume else []))
+    config = with_absolute_data(config)
     print("resolved config:\n" + config.to_yaml(), flush=True)
     if not config.checkpoint.resume:
         refuse_another_runs_folder(config)

@@ -29,7 +29,7 @@ from ray import tune
 
 from platform.cli import config_parser, run
 from platform.config import ConfigError, RunConfig, load_config, with_values
-from platform.driver import connect_ray
+from platform.driver import connect_ray, with_absolute_data
 from platform.search_space import load_space, make_scheduler, make_search, tune_domain
 from platform.sweep import Sweep, TrialReports, print_table, summarize
 from platform.tracking import tracking_uri
@@ -142,7 +142,7 @@ def write_best(config: RunConfig, sweep: Sweep, space: dict, best: dict, metric:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    config = load_config(args.config, args.overrides)
+    config = with_absolute_data(load_config(args.config, args.overrides))
     problems = sweep_problems(config, args)
     if problems:
         raise ConfigError(problems)

@@ -134,3 +134,22 @@ def test_idle_fraction_is_the_actors_wait_for_the_slowest():
     assert idle_fraction([record(2.0, 2.0)]) == 0 and idle_fraction([record(1.5)]) == 0
     assert idle_fraction([record(1.0, 3.0)]) == pytest.approx(1 / 3)  # 2 s of 6 waiting
     assert idle_fraction([record(1.0, 3.0), record(3.0, 3.0)]) == pytest.approx(2 / 12)
+
+
+def test_a_relative_data_folder_is_made_absolute_unless_a_cluster_is_named(monkeypatch):
+    """The actors of a private Ray instance do not run in the driver's folder; a Ray job's do run in
+    its working directory, where a relative folder is meant."""
+    from pathlib import Path
+
+    from platform.driver import with_absolute_data
+
+    preset = Path(__file__).resolve().parents[1] / "configs" / "cifar10-protonet.yaml"
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
+    monkeypatch.chdir(shared)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    config = load_config(preset, ["task.data=cifar10"])
+    assert with_absolute_data(config).task.data == str(shared / "cifar10")
+    absolute = with_absolute_data(config)
+    assert with_absolute_data(absolute) is absolute
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
+    assert with_absolute_data(config) is config
