@@ -48,6 +48,8 @@ def timed_run(tree: Path, args: list[str]) -> dict:
     """One `python -m platform.train` from `tree` in a fresh folder: wall time and timestamped lines."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     env["PYTHONPATH"] = os.pathsep.join([str(tree), *filter(None, [env.get("PYTHONPATH")])])
+    # A relative --config names the tree's own preset (the run itself starts in an empty folder).
+    args = [str(tree / a) if prev == "--config" and not os.path.isabs(a) else a for prev, a in zip(["", *args], args)]
     with tempfile.TemporaryDirectory(prefix="default-run-") as cwd:
         start = time.monotonic()
         proc = subprocess.Popen(
