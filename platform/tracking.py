@@ -97,6 +97,7 @@ class MlflowTracker(Observer):
         self.delivery: Delivery | None = None
         self.window: list[IterationRecord] = []
         self.write_failed = False  # the spool's disk refused a record (said once)
+        self.ended = False
 
     def on_start(self, config: RunConfig, context: dict, saved: dict) -> None:
         self.config, t = config, config.tracking
@@ -212,8 +213,9 @@ class MlflowTracker(Observer):
         if notify:
             self.delivery.notify()
 
-    def on_checkpoint(self, location: str, iteration: int, written) -> None:
-        if self.spool is None:  # not started
+    def on_checkpoint_written(self, location: str, iteration: int) -> None:
+        # Named once it is on storage, never when queued: a queued one may be superseded or never written.
+        if self.spool is None or self.ended:  # not started, or a write that outlived the run's end
             return
         self._append({"op": "batch", "tags": {"checkpoint.latest": location}})
         self.delivery.notify()
@@ -221,6 +223,7 @@ class MlflowTracker(Observer):
     def on_end(self, status: str, final: dict | None) -> None:
         if self.spool is None:  # the run stopped before it started (no workers): nothing was tracked
             return
+        self.ended = True
         if final is not None:
             try:
                 self._final_artifacts(final)
