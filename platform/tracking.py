@@ -79,11 +79,15 @@ def git_commit() -> str | None:
 
 
 def spool_root(config: RunConfig) -> Path:
-    """Spools live next to local checkpoints; for S3 checkpoints, in the local cache."""
+    """Where a run's spool lives: beside checkpoints in a folder (as durable as they are); for S3
+    checkpoints, which leave no folder to be beside, under $METAPLATFORM_SPOOL (a durable folder: the
+    chart's spool volume, since a pod's cache goes with the pod), else in the local cache."""
     location = config.checkpoint.dir
-    if location.startswith("s3://"):
-        return cache_dir() / "mlflow-spool" / hashlib.sha256(location.encode()).hexdigest()[:16]
-    return Path(location).expanduser() / "mlflow-spool"
+    if not location.startswith("s3://"):
+        return Path(location).expanduser() / "mlflow-spool"
+    durable = os.environ.get("METAPLATFORM_SPOOL")
+    base = Path(durable).expanduser() if durable else cache_dir() / "mlflow-spool"
+    return base / hashlib.sha256(location.encode()).hexdigest()[:16]
 
 
 class MlflowTracker(Observer):

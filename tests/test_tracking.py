@@ -352,6 +352,34 @@ def test_checkpoint_latest_names_only_checkpoints_on_storage(tmp_path):
     assert named == [store.uri(i) for i in store.iterations()], named
 
 
+def test_with_checkpoints_in_s3_the_spool_is_kept_in_metaplatform_spool(
+    mlflow_server, s3_bucket, tmp_path, monkeypatch, capsys
+):
+    """S3 checkpoints leave no folder to keep the spool beside: it goes under $METAPLATFORM_SPOOL (on
+    the chart, a volume that outlives the pod), not into the cache (the pod's /tmp there); the hint
+    names that folder, and syncing it from there delivers the run."""
+    from services import free_port
+
+    from platform.config import load_config
+    from platform.data import cache_dir
+    from platform.track import sync
+    from platform.train import train
+
+    durable = tmp_path / "durable"
+    monkeypatch.setenv("METAPLATFORM_SPOOL", str(durable))
+    overrides = [*BASE, "optim.iterations=20", "eval.every=0", "resources.execution=local"]
+    overrides += [f"checkpoint.dir=s3://{s3_bucket}/run", "tracking.experiment=durable-spool"]
+    overrides += [f"tracking.uri=http://127.0.0.1:{free_port()}", "tracking.flush_timeout_s=0"]
+    train(load_config(None, overrides))
+    spool = Path(re.search(r"send them later with: python -m platform.track sync (\S+)", capsys.readouterr().err)[1])
+    assert spool.parent.parent == durable and (spool / "records.jsonl").is_file()
+    assert not list(cache_dir().glob(f"mlflow-spool/*/{spool.name}"))
+    assert sync(spool, mlflow_server.url) == 0 and not spool.exists()
+    run_id = re.search(r"to MLflow run (\w+)", capsys.readouterr().out)[1]
+    client = MlflowClient(mlflow_server.url)
+    assert client.get_run(run_id).info.status == "FINISHED" and steps(client, run_id, "train/loss") == [10, 20]
+
+
 def test_a_model_record_sent_twice_logs_and_registers_once(mlflow_server, tmp_path):
     """The answer to the model record was lost (the server logged and registered it): delivering the
     record again neither logs a second model nor registers a second version."""
