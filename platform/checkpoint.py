@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import threading
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -310,10 +311,18 @@ class CheckpointWriter:
     bytes; a newer submission supersedes one not yet written. A failed write is retried with
     exponential back-off (up to `max_backoff_s`); the first failure of an outage and the recovery
     are each reported once. `flush(timeout_s)` waits for the newest submission to land.
+    `on_written(location, iteration)` is called, in the writer's thread, once a checkpoint is on
+    storage and verified (before `flush` returns): what names a checkpoint must wait for it.
     """
 
-    def __init__(self, store: CheckpointStore, report=log.warning, max_backoff_s: float = 30.0):
-        self.store, self.report, self.max_backoff_s = store, report, max_backoff_s
+    def __init__(
+        self,
+        store: CheckpointStore,
+        report=log.warning,
+        max_backoff_s: float = 30.0,
+        on_written: Callable[[str, int], None] = lambda location, iteration: None,
+    ):
+        self.store, self.report, self.max_backoff_s, self.on_written = store, report, max_backoff_s, on_written
         self.written: str | None = None  # path or URI of the newest checkpoint written
         self._pending: tuple[int, bytes] | None = None
         self._busy = False  # a write is in progress
@@ -371,6 +380,7 @@ class CheckpointWriter:
                     self._changed.wait_for(lambda: self._closed, timeout=backoff)
                     backoff = min(2 * backoff, self.max_backoff_s)
                 continue
+            self.on_written(where, iteration)
             with self._changed:
                 if self._error is not None:
                     self.report(f"checkpoint storage is back: wrote {where}")

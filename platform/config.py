@@ -156,6 +156,14 @@ class ResourcesConfig(_Section):
     placement: Literal["SPREAD", "PACK"] = "SPREAD"
     worker_timeout_s: float = Field(600.0, gt=0, description="a worker silent this long on one call is treated as dead")
     start_timeout_s: float = Field(120.0, gt=0, description="how long to wait for workers to be placed and started")
+    data_timeout_s: float = Field(
+        1800.0,
+        gt=0,
+        description=(
+            "how long a started worker may take to load the task data: on a new node the first one "
+            "downloads it and builds the node's image cache; past it, a data error (not restarted)"
+        ),
+    )
     max_worker_failures: int = Field(20, ge=0, description="stop the run after this many worker failures")
 
 

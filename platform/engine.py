@@ -138,11 +138,15 @@ class WorkerInfo:
     pid: int
     node: str
     device: str
-    data_error: str | None = None  # the task data cannot be loaded there (the actor is of no use)
 
 
 class AdaptationWorker:
-    """Adapts shards of tasks. A plain class: Ray wraps it as an actor, tests may call it directly."""
+    """Adapts shards of tasks. A plain class: Ray wraps it as an actor, tests may call it directly.
+
+    Constructing it builds the model only; the task data is loaded by `load` (or by the first call
+    that needs it). The pool bounds the two apart: an actor's start by resources.start_timeout_s,
+    its data (on a new node: the download and the image cache build) by resources.data_timeout_s.
+    """
 
     def __init__(self, config: dict):
         self.config = RunConfig.model_validate(config)
@@ -152,17 +156,22 @@ class AdaptationWorker:
         tune_malloc()
         self.model, self.algorithm, self.template = build(self.config, self.device)
         self.model.to(self.device)
-        self.data_error = None
+        self.samplers = {}
+
+    def load(self) -> str | None:
+        """Loads the training split's tasks (building this node's image cache if no process has) and
+        warms up vmap; the data error, if the data cannot be loaded here (the user's to fix, not a
+        dying actor to restart), else None."""
         try:
-            self.samplers = {"train": task_sampler(self.config.task, "train")}
-        except DataError as e:  # the user's to fix, not a dying actor to restart: `info` reports it
-            self.samplers, self.data_error = {}, str(e)
-            return
+            sampler = self._sampler("train")
+        except DataError as e:
+            return str(e)
         if getattr(self.algorithm, "vectorized", False):
-            # torch.func's first call costs ~2 s of set-up (not per shape): paid here, while starting,
+            # torch.func's first call costs ~2 s of set-up (not per shape): paid here, before any work,
             # so that it never counts against resources.worker_timeout_s. Nothing of it is kept.
             params = {k: v.to(self.device) for k, v in self.template.items()}
-            self.algorithm.outer_grad(params, [self.samplers["train"].sample(0).to(self.device)])
+            self.algorithm.outer_grad(params, [sampler.sample(0).to(self.device)])
+        return None
 
     def _sampler(self, split: str):
         if split not in self.samplers:
@@ -173,11 +182,11 @@ class AdaptationWorker:
         return {k: v.to(self.device) for k, v in unflatten(torch.tensor(flat), self.template).items()}
 
     def info(self) -> WorkerInfo:
-        return WorkerInfo(os.getpid(), ray.get_runtime_context().get_node_id(), str(self.device), self.data_error)
+        return WorkerInfo(os.getpid(), ray.get_runtime_context().get_node_id(), str(self.device))
 
     def outer_grads(self, flat_params: np.ndarray, chunks: list[list[int]]) -> ChunkGradients:
         """Each chunk's summed outer gradient and statistics."""
-        params, sampler = self._params(flat_params), self.samplers["train"]
+        params, sampler = self._params(flat_params), self._sampler("train")
         grads, stats = [], []
         for seeds in chunks:
             start = time.perf_counter()
@@ -213,14 +222,15 @@ class WorkerFailureError(RuntimeError):
 
 @dataclass(eq=False)
 class _Slot:
-    """Worker `index`: its placement-group bundle and the actor in it: vacant, starting (`ready` pending)
-    or live (`info`)."""
+    """Worker `index`: its placement-group bundle and the actor in it: vacant, starting (`call` is its
+    `info`), loading its task data (`where` it started; `call` is its `load`) or live (`info`)."""
 
     index: int
     bundle: int
     actor: ActorHandle | None = None
-    ready: ObjectRef | None = None
-    started: float = 0.0
+    call: ObjectRef | None = None  # what the slot waits for: the actor's `info`, then its `load`
+    deadline: float = 0.0  # for `call`: resources.start_timeout_s, then resources.data_timeout_s
+    where: WorkerInfo | None = None  # the actor has started (it may still be loading its data)
     info: WorkerInfo | None = None
     homeless: bool = False  # its bundle lost its node and has no new one yet (said once)
 
@@ -238,6 +248,11 @@ class WorkerPool:
     is alive, or when Ray has re-placed the bundle of a lost node (which it does when the cluster has
     room). Until then the pool carries on with fewer actors, down to `resources.min_workers`; below
     that it waits up to `start_timeout_s` for capacity. Every failed start counts as a failure.
+
+    An actor is live once it has started (within `start_timeout_s`) and then loaded its task data
+    (within `data_timeout_s`: the first actor on a new node downloads the data set and builds the
+    node's image cache, which may take far longer than a start). Data it cannot load, or not in
+    time, is a DataError: the user's to fix, never restarted.
 
     Standalone, the pool reserves its own placement group. Inside a Ray Tune trial it uses the
     trial's group instead, whose bundle 0 holds the trial's driver and bundles 1.. the workers: a
@@ -299,16 +314,16 @@ class WorkerPool:
             runtime_env={"env_vars": self.actor_env} if self.actor_env else None,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=slot.bundle),
         ).remote(self.config.model_dump(mode="json"))
-        slot.ready, slot.started = slot.actor.info.remote(), time.monotonic()
+        slot.call, slot.deadline = slot.actor.info.remote(), time.monotonic() + r.start_timeout_s
 
     def _fail(self, slot: _Slot, reason: str) -> None:
         """Count a failure, kill the actor and leave its slot vacant for `_refill`."""
         self.failures += 1
-        who = f"pid {slot.info.pid}" if slot.info else "starting"
+        who = f"pid {slot.where.pid}" if slot.where else "starting"
         self.log(f"worker {slot.index} ({who}) failed: {reason}")
         if slot.actor is not None:
             ray.kill(slot.actor, no_restart=True)
-        slot.actor = slot.ready = slot.info = None
+        slot.actor = slot.call = slot.where = slot.info = None
         if self.failures > self.config.resources.max_worker_failures:
             raise WorkerFailureError(
                 f"{self.failures} worker failures, more than resources.max_worker_failures="
@@ -316,32 +331,46 @@ class WorkerPool:
             )
 
     def _settle(self, finished: list[ObjectRef]) -> None:
-        """Starting actors whose `info` call in `finished` answered become live; those that died, or are
-        past `start_timeout_s`, fail."""
-        timeout = self.config.resources.start_timeout_s
+        """Actors whose call in `finished` answered move on: a started one loads its data (on a clock of
+        its own), a loaded one becomes live. One that died, or did not start within `start_timeout_s`,
+        fails; data that cannot be loaded, or not within `data_timeout_s`, raises DataError."""
+        r = self.config.resources
         for slot in self.slots:
-            if slot.ready is None:
+            if slot.call is None:
                 continue
-            if slot.ready in finished:
-                try:
-                    info = ray.get(slot.ready)
-                except WORKER_FAILURES as e:
-                    self._fail(slot, f"could not start: {first_line(e)}")
-                    continue
-                if info.data_error:
-                    raise DataError(
-                        f"task.data = {self.config.task.data!r}: on node {info.node[:8]}: {info.data_error}"
+            if slot.call not in finished:
+                if time.monotonic() > slot.deadline and slot.where is None:
+                    self._fail(slot, f"did not start within resources.start_timeout_s={r.start_timeout_s:g}s")
+                elif time.monotonic() > slot.deadline:
+                    raise self._data_error(
+                        slot.where,
+                        f"the task data did not load within resources.data_timeout_s={r.data_timeout_s:g}s "
+                        "(its download or the node's image cache build is too slow or stuck); check the "
+                        "source, or raise resources.data_timeout_s",
                     )
-                slot.info, slot.ready = info, None
-                if self._started_once:
-                    self.restarts += 1
-                    self.log(
-                        f"worker {slot.index} restarted (pid {info.pid} on node {info.node[:8]}); "
-                        f"{len(self.live)} of {len(self.slots)} workers"
-                    )
-                slot.homeless = False
-            elif time.monotonic() - slot.started > timeout:
-                self._fail(slot, f"did not start within resources.start_timeout_s={timeout:g}s")
+                continue
+            try:
+                answer = ray.get(slot.call)
+            except WORKER_FAILURES as e:
+                self._fail(slot, f"could not start: {first_line(e)}")
+                continue
+            if slot.where is None:  # started: now its data
+                slot.where = answer
+                slot.call, slot.deadline = slot.actor.load.remote(), time.monotonic() + r.data_timeout_s
+                continue
+            if answer is not None:
+                raise self._data_error(slot.where, answer)
+            slot.info, slot.call = slot.where, None
+            if self._started_once:
+                self.restarts += 1
+                self.log(
+                    f"worker {slot.index} restarted (pid {slot.info.pid} on node {slot.info.node[:8]}); "
+                    f"{len(self.live)} of {len(self.slots)} workers"
+                )
+            slot.homeless = False
+
+    def _data_error(self, where: WorkerInfo, problem: str) -> DataError:
+        return DataError(f"task.data = {self.config.task.data!r}: on node {where.node[:8]}: {problem}")
 
     def _refill(self) -> None:
         """Start an actor in every vacant slot whose bundle has a live node; say once of each that has none."""
@@ -362,18 +391,22 @@ class WorkerPool:
                 )
 
     def _wait_for_workers(self, count: int) -> None:
-        """Block until `count` actors are live, or raise WorkerStartError after `start_timeout_s`."""
+        """Block until `count` actors are live, or raise WorkerStartError when fewer than `count` have
+        started for `start_timeout_s` (actors loading their data have started: `data_timeout_s` bounds them)."""
         r = self.config.resources
-        deadline = time.monotonic() + r.start_timeout_s
+        deadline, started = time.monotonic() + r.start_timeout_s, 0
         while len(self.live) < count:
-            if time.monotonic() > deadline:
+            now_started = sum(s.where is not None for s in self.slots)
+            if now_started > started:  # an actor started: the others get start_timeout_s from now
+                deadline, started = time.monotonic() + r.start_timeout_s, now_started
+            if now_started < count and time.monotonic() > deadline:
                 raise WorkerStartError(
                     f"only {len(self.live)} of {r.workers} workers alive, fewer than the {count} needed, and no "
                     f"more could be started within resources.start_timeout_s={r.start_timeout_s:g}s; "
                     f"the cluster has {ray.cluster_resources()}"
                 )
             self._refill()
-            starting = [s.ready for s in self.slots if s.ready is not None]
+            starting = [s.call for s in self.slots if s.call is not None]
             finished = ray.wait(starting, num_returns=1, timeout=1.0)[0] if starting else time.sleep(1.0) or []
             self._settle(finished)
         self._started_once = True
@@ -403,7 +436,7 @@ class WorkerPool:
             if not running:  # shards left and no live actor to take them
                 self._wait_for_workers(max(1, r.min_workers))
                 continue
-            starting = [s.ready for s in self.slots if s.ready is not None]
+            starting = [s.call for s in self.slots if s.call is not None]
             wait_s = max(0.0, min(deadline for _, _, deadline in running.values()) - time.monotonic())
             if cancel is not None:
                 if cancel():
@@ -424,7 +457,7 @@ class WorkerPool:
                     queue.append(k)
             self._settle(finished)
             self._refill()
-            if len(self.live) + sum(s.ready is not None for s in self.slots) < r.min_workers:
+            if len(self.live) + sum(s.call is not None for s in self.slots) < r.min_workers:
                 self._wait_for_workers(r.min_workers)
         return [res for res in results if res is not None]
 

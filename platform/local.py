@@ -44,9 +44,10 @@ class LocalPool:
     def __init__(self, config: RunConfig):
         self._threads = torch.get_num_threads()  # the worker sets its own count; restored by shutdown
         worker = AdaptationWorker(config.model_dump(mode="json"))
-        if worker.data_error:
+        data_error = worker.load()
+        if data_error:
             self.shutdown()
-            raise DataError(f"task.data = {config.task.data!r}: {worker.data_error}")
+            raise DataError(f"task.data = {config.task.data!r}: {data_error}")
         self.actor = _InProcessActor(worker)
         self.infos = [WorkerInfo(os.getpid(), "local", str(worker.device))]
         self.live = [self.actor]

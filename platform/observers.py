@@ -11,6 +11,10 @@ The training loop (platform.train) calls, in order:
     on_checkpoint(location, iteration, written)
                                        a checkpoint was queued; `written()` blocks until it is on
                                        storage and returns its location (or raises CheckpointError)
+    on_checkpoint_written(location, iteration)
+                                       that checkpoint is on storage and verified (called from the
+                                       checkpoint writer's thread; never for one superseded or
+                                       never written): what names a checkpoint waits for this
     on_end(status, final)              once: status "FINISHED", "FAILED" or "KILLED"; `final` holds
                                        the final checkpoint's location and state (None if none)
 
@@ -52,6 +56,9 @@ class Observer:
     def on_checkpoint(self, location: str, iteration: int, written: Callable[[], str]) -> None:
         pass
 
+    def on_checkpoint_written(self, location: str, iteration: int) -> None:
+        pass
+
     def on_end(self, status: str, final: dict | None) -> None:
         pass
 
@@ -80,6 +87,10 @@ class Observers(Observer):
     def on_checkpoint(self, location, iteration, written):
         for o in self.observers:
             o.on_checkpoint(location, iteration, written)
+
+    def on_checkpoint_written(self, location, iteration):
+        for o in self.observers:
+            o.on_checkpoint_written(location, iteration)
 
     def on_end(self, status, final):
         for o in self.observers:

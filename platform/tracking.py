@@ -79,11 +79,15 @@ def git_commit() -> str | None:
 
 
 def spool_root(config: RunConfig) -> Path:
-    """Spools live next to local checkpoints; for S3 checkpoints, in the local cache."""
+    """Where a run's spool lives: beside checkpoints in a folder (as durable as they are); for S3
+    checkpoints, which leave no folder to be beside, under $METAPLATFORM_SPOOL (a durable folder: the
+    chart's spool volume, since a pod's cache goes with the pod), else in the local cache."""
     location = config.checkpoint.dir
-    if location.startswith("s3://"):
-        return cache_dir() / "mlflow-spool" / hashlib.sha256(location.encode()).hexdigest()[:16]
-    return Path(location).expanduser() / "mlflow-spool"
+    if not location.startswith("s3://"):
+        return Path(location).expanduser() / "mlflow-spool"
+    durable = os.environ.get("METAPLATFORM_SPOOL")
+    base = Path(durable).expanduser() if durable else cache_dir() / "mlflow-spool"
+    return base / hashlib.sha256(location.encode()).hexdigest()[:16]
 
 
 class MlflowTracker(Observer):
@@ -97,6 +101,7 @@ class MlflowTracker(Observer):
         self.delivery: Delivery | None = None
         self.window: list[IterationRecord] = []
         self.write_failed = False  # the spool's disk refused a record (said once)
+        self.ended = False
 
     def on_start(self, config: RunConfig, context: dict, saved: dict) -> None:
         self.config, t = config, config.tracking
@@ -212,8 +217,9 @@ class MlflowTracker(Observer):
         if notify:
             self.delivery.notify()
 
-    def on_checkpoint(self, location: str, iteration: int, written) -> None:
-        if self.spool is None:  # not started
+    def on_checkpoint_written(self, location: str, iteration: int) -> None:
+        # Named once it is on storage, never when queued: a queued one may be superseded or never written.
+        if self.spool is None or self.ended:  # not started, or a write that outlived the run's end
             return
         self._append({"op": "batch", "tags": {"checkpoint.latest": location}})
         self.delivery.notify()
@@ -221,6 +227,7 @@ class MlflowTracker(Observer):
     def on_end(self, status: str, final: dict | None) -> None:
         if self.spool is None:  # the run stopped before it started (no workers): nothing was tracked
             return
+        self.ended = True
         if final is not None:
             try:
                 self._final_artifacts(final)

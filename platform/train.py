@@ -241,7 +241,7 @@ def _train(
     config: RunConfig, watch: Observers, store: CheckpointStore, start: dict | None, run_key: str | None
 ) -> dict:
     progress = initial_progress(config, store, start, run_key)
-    writer = CheckpointWriter(store, report=warn)
+    writer = CheckpointWriter(store, report=warn, on_written=watch.on_checkpoint_written)
 
     def checkpoint(final: bool = False) -> str:
         """Queue a checkpoint of the current state; a final one is waited for (bounded)."""

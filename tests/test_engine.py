@@ -6,11 +6,15 @@ compared bitwise with one uninterrupted reference run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import driver_runs
@@ -143,6 +147,87 @@ def test_data_only_an_actor_can_read_is_one_usage_error_not_dying_actors(ray_clu
     errors = [line for line in out.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "task.data" in errors[0] and "class3/1.png: cannot read the image" in errors[0], out
     assert "Traceback" not in out and "worker failures" not in out and "restarted" not in out, out
+    assert CheckpointStore(tmp_path / "c").latest() is None
+
+
+@contextlib.contextmanager
+def paced_http_server(served: Path, seconds_per_file: float | None):
+    """An http server on loopback that sends each file of `served` spread over `seconds_per_file`, or
+    (None) half of it and then nothing until the server goes. Yields its URL and the (start, end) of
+    each file it sent whole."""
+    closing, spans = threading.Event(), []
+
+    class Paced(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            body = (served / self.path.lstrip("/")).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if seconds_per_file is None:
+                self.wfile.write(body[: len(body) // 2])
+                self.wfile.flush()
+                closing.wait()
+                return
+            start, pieces = time.monotonic(), 50
+            for k in range(pieces):
+                self.wfile.write(body[k * len(body) // pieces : (k + 1) * len(body) // pieces])
+                self.wfile.flush()
+                closing.wait(seconds_per_file / pieces)
+            spans.append((start, time.monotonic()))
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Paced)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", spans
+    finally:
+        closing.set()
+        server.shutdown()
+        server.server_close()
+
+
+# Omniglot from an https-like source: each actor downloads it into its node's cache (the decoded
+# images are in the session's cache already: the download is what is slow here).
+SLOW_OMNIGLOT = [
+    "task.kind=omniglot", "task.ways=5", "task.shots=1", "task.query=1", "model.kind=conv4", "model.width=8",
+    "optim.iterations=2", "optim.meta_batch=2", "optim.chunk=1", "resources.workers=1", "eval.every=0",
+    "tracking.mlflow=false",
+]  # fmt: skip
+
+
+def test_loading_the_data_slower_than_the_start_timeout_is_not_a_failed_start(ray_cluster, omniglot_source, tmp_path):
+    """The first actor on a node downloads the data set: its start is bounded by start_timeout_s, its
+    data by data_timeout_s, so a download longer than the start timeout is neither killed nor restarted."""
+    start_timeout = 5
+    with paced_http_server(Path(omniglot_source), seconds_per_file=4) as (url, spans):
+        proc = driver_runs.start_train(
+            ray_cluster, *SLOW_OMNIGLOT, f"task.data={url}", f"resources.start_timeout_s={start_timeout}",
+            "resources.max_worker_failures=0", f"checkpoint.dir={tmp_path}",
+        )  # fmt: skip
+        out = finish(proc, timeout=180)
+    assert len(spans) == 2 and spans[-1][1] - spans[0][0] > start_timeout, spans
+    assert "0 worker failures, 0 restarts" in out, out
+    assert CheckpointStore(tmp_path).latest() == 2
+
+
+def test_data_that_never_loads_is_one_data_error_after_data_timeout_s(ray_cluster, tmp_path):
+    """A download that stalls: after resources.data_timeout_s, exit 2 with one line, no restarts."""
+    served = tmp_path / "served"
+    served.mkdir()
+    for part in ("background", "evaluation"):
+        (served / f"images_{part}.zip").write_bytes(b"\0" * 100_000)
+    with paced_http_server(served, seconds_per_file=None) as (url, _):
+        proc = driver_runs.start_train(
+            ray_cluster, *SLOW_OMNIGLOT, f"task.data={url}", "resources.data_timeout_s=3",
+            f"checkpoint.dir={tmp_path / 'c'}",
+        )  # fmt: skip
+        out = finish(proc, timeout=180, returncode=2)
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, out
+    assert f"task.data = {url!r}: on node " in errors[0] and "within resources.data_timeout_s=3s" in errors[0], out
+    assert "Traceback" not in out and "worker 0 (" not in out and "restarted" not in out, out
     assert CheckpointStore(tmp_path / "c").latest() is None
 
 

@@ -153,6 +153,7 @@ BAD_VALUES = {
     "override without =": ({"jobs": [{**JOB, "overrides": ["optim.iterations"]}]}, "/jobs/0/overrides/0", "pattern"),
     "job without preset": ({"jobs": [{"name": "run"}]}, "/jobs/0", "preset"),
     "unknown command": ({"jobs": [{**JOB, "command": "evaluate"}]}, "/jobs/0/command", "train"),
+    "spool on the pod's /tmp": ({"spool": {"mountPath": "/tmp/spool"}}, "/spool/mountPath", "not"),
 }
 
 
@@ -377,6 +378,45 @@ def test_stopped_drivers_get_the_stop_wait():
         for cluster in clusters:
             assert _head(cluster)["terminationGracePeriodSeconds"] == stop_wait + 30
             assert _head(cluster)["containers"][0]["lifecycle"]["preStop"]["exec"]["command"][:2] == ["python", "-c"]
+
+
+def _spool_of(spec: dict) -> tuple[str | None, str | None, str | None]:
+    """(METAPLATFORM_SPOOL, where the spool volume is mounted, its claim) of a pod's first container."""
+    container = spec["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    mounts = [m for m in container.get("volumeMounts", []) if "persistentVolumeClaim" in volumes.get(m["name"], {})]
+    claim = volumes[mounts[0]["name"]]["persistentVolumeClaim"]["claimName"] if mounts else None
+    return env.get("METAPLATFORM_SPOOL"), mounts[0]["mountPath"] if mounts else None, claim
+
+
+def test_job_drivers_keep_their_mlflow_spool_on_a_volume_that_outlives_the_pod(rendered):
+    """Every head pod that runs job drivers (the standing cluster's, each `cluster: own` job's) mounts
+    the spool claim where METAPLATFORM_SPOOL says, outside the pod's /tmp; the claim is the chart's
+    (kept on uninstall) or yours. Workers and the serving cluster get none, nor anything when disabled."""
+    path = "/var/lib/metaplatform/spool"
+    objects = rendered["rayjob-own-cluster"]
+    claim = one(objects, "PersistentVolumeClaim", f"{FULLNAME}-mlflow-spool")
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    pods = [(where, spec) for where, _, spec in pod_specs(objects) if where.startswith(("RayCluster", "RayJob"))]
+    heads = [spec for where, spec in pods if where.endswith(" head")]
+    assert len(heads) == 2  # the standing cluster's and the own-cluster job's
+    for where, spec in pods:
+        expected = (path, path, claim["metadata"]["name"]) if where.endswith(" head") else (None, None, None)
+        assert _spool_of(spec) == expected, where
+
+    yours = {"spool": {"existingClaim": "my-spool", "mountPath": "/data/spool"}, "jobs": [JOB]}
+    serving = {"serving": {"enabled": True, "registeredModel": "m"}}
+    objects = render(set_values={**GENERATE, **yours, **serving}, release=RELEASE, namespace=NAMESPACE)
+    assert not find(objects, "PersistentVolumeClaim", f"{FULLNAME}-mlflow-spool")
+    heads = [spec for where, _, spec in pod_specs(objects) if where.endswith(" head")]
+    assert len(heads) == 2 and all(_spool_of(h) == ("/data/spool", "/data/spool", "my-spool") for h in heads)
+    service_head = one(objects, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    assert _spool_of(service_head) == (None, None, None)
+
+    objects = render(set_values={**GENERATE, "spool": {"enabled": False}, "jobs": [JOB]}, release=RELEASE)
+    assert not find(objects, "PersistentVolumeClaim", f"{FULLNAME}-mlflow-spool")
+    assert all(_spool_of(spec) == (None, None, None) for _, _, spec in pod_specs(objects))
 
 
 # A driver that needs 5 s after SIGTERM to finish (more than Ray's default 3 s before SIGKILL): it
@@ -901,6 +941,9 @@ def test_rendered_commands_are_real(tmp_path, postgres, s3_server, s3_bucket, ra
         assert head_env["MLFLOW_TRACKING_URI"] == f"http://{service}"
         head_env["MLFLOW_TRACKING_URI"] = local
         head_env["HOME"] = str(tmp_path / "home")
+        # The head's spool volume (mounted where METAPLATFORM_SPOOL says), here a folder of the host.
+        assert head_env["METAPLATFORM_SPOOL"] in {m["mountPath"] for m in head["volumeMounts"]}
+        head_env["METAPLATFORM_SPOOL"] = str(tmp_path / "spool-volume")
         job = one(objects, "RayJob")["spec"]
         runtime_env = yaml.safe_load(job.get("runtimeEnvYAML") or "{}")
         runtime_env["env_vars"] = {**head_env, **runtime_env.get("env_vars", {})}
@@ -925,6 +968,8 @@ def test_rendered_commands_are_real(tmp_path, postgres, s3_server, s3_bucket, ra
         # Checkpoints where the chart pointed them, in S3.
         keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket).get("Contents", [])]
         assert "checkpoints/sinusoid/ckpt-00000100.pt" in keys, keys
+        # Its MLflow spool was on the spool volume (so not in the pod's /tmp), and is gone: delivered.
+        assert (tmp_path / "spool-volume").is_dir() and not any((tmp_path / "spool-volume").iterdir())
 
         # The run is in the chart's experiment, with metrics; artifacts go through the server to S3.
         monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", admin[0])

@@ -321,9 +321,63 @@ def test_a_full_disk_under_the_spool_only_warns_once(mlflow_server, tmp_path):
     records.symlink_to("/dev/full")
     for iteration in range(10, 60, 10):
         tracker.on_iteration(record(iteration, seconds=1.0, tasks=10, loss=0.5))
-    tracker.on_checkpoint("somewhere", 50, lambda: "somewhere")
+    tracker.on_checkpoint_written("somewhere", 50)
     tracker.delivery.close()
     assert len(said) == 1 and "cannot write the tracking spool" in said[0] and "training goes on" in said[0], said
+
+
+def test_checkpoint_latest_names_only_checkpoints_on_storage(tmp_path):
+    """The `checkpoint.latest` tag names a checkpoint once it is written, never when it is queued:
+    checkpoint 20 cannot be written (a folder holds its digest's name, so every write of it fails
+    until a newer one supersedes it) and is never named; the others are named in order."""
+    from services import free_port
+
+    from platform.config import load_config
+    from platform.delivery import RunSpool
+    from platform.train import train
+
+    location = tmp_path / "ckpt"
+    (location / "ckpt-00000020.pt.sha256").mkdir(parents=True)
+    overrides = [*BASE, "optim.iterations=60", "checkpoint.every=10", "checkpoint.keep=10", "eval.every=0"]
+    overrides += ["resources.execution=local", f"checkpoint.dir={location}"]
+    # A tracking server that is not there: the records stay in the spool, where the test reads them.
+    overrides += [f"tracking.uri=http://127.0.0.1:{free_port()}", "tracking.flush_timeout_s=0"]
+    train(load_config(None, overrides))
+    (folder,) = (location / "mlflow-spool").iterdir()
+    named = [
+        r["tags"]["checkpoint.latest"] for r in RunSpool(folder).records if "checkpoint.latest" in r.get("tags", {})
+    ]
+    store = CheckpointStore(location)
+    assert 20 not in store.iterations() and store.iterations()[-1] == 60
+    assert named == [store.uri(i) for i in store.iterations()], named
+
+
+def test_with_checkpoints_in_s3_the_spool_is_kept_in_metaplatform_spool(
+    mlflow_server, s3_bucket, tmp_path, monkeypatch, capsys
+):
+    """S3 checkpoints leave no folder to keep the spool beside: it goes under $METAPLATFORM_SPOOL (on
+    the chart, a volume that outlives the pod), not into the cache (the pod's /tmp there); the hint
+    names that folder, and syncing it from there delivers the run."""
+    from services import free_port
+
+    from platform.config import load_config
+    from platform.data import cache_dir
+    from platform.track import sync
+    from platform.train import train
+
+    durable = tmp_path / "durable"
+    monkeypatch.setenv("METAPLATFORM_SPOOL", str(durable))
+    overrides = [*BASE, "optim.iterations=20", "eval.every=0", "resources.execution=local"]
+    overrides += [f"checkpoint.dir=s3://{s3_bucket}/run", "tracking.experiment=durable-spool"]
+    overrides += [f"tracking.uri=http://127.0.0.1:{free_port()}", "tracking.flush_timeout_s=0"]
+    train(load_config(None, overrides))
+    spool = Path(re.search(r"send them later with: python -m platform.track sync (\S+)", capsys.readouterr().err)[1])
+    assert spool.parent.parent == durable and (spool / "records.jsonl").is_file()
+    assert not list(cache_dir().glob(f"mlflow-spool/*/{spool.name}"))
+    assert sync(spool, mlflow_server.url) == 0 and not spool.exists()
+    run_id = re.search(r"to MLflow run (\w+)", capsys.readouterr().out)[1]
+    client = MlflowClient(mlflow_server.url)
+    assert client.get_run(run_id).info.status == "FINISHED" and steps(client, run_id, "train/loss") == [10, 20]
 
 
 def test_a_model_record_sent_twice_logs_and_registers_once(mlflow_server, tmp_path):

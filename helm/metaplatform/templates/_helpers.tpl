@@ -110,6 +110,10 @@ be generated (generateSecrets=true), naming each value to set.
 {{- default (include "metaplatform.postgresName" .) .Values.postgresql.existingSecret }}
 {{- end }}
 
+{{- define "metaplatform.spoolClaim" -}}
+{{- default (printf "%s-mlflow-spool" (include "metaplatform.fullname" .)) .Values.spool.existingClaim }}
+{{- end }}
+
 {{- define "metaplatform.bundledPostgres" -}}
 {{- if and .Values.mlflow.enabled (not .Values.mlflow.backendStore.existingSecret) }}true{{ end }}
 {{- end }}
@@ -180,12 +184,14 @@ app.kubernetes.io/component: ray
 {{- end }}
 
 {{/*
-The spec of a RayCluster: the chart's own, and that of every `cluster: own` RayJob.
-Call with (dict "ctx" $ "workerGroups" <list>).
+The spec of a RayCluster: the chart's own, that of every `cluster: own` RayJob, and the serving one.
+Call with (dict "ctx" $ "workerGroups" <list> "drivers" <bool>); `drivers`: job drivers run on its
+head, which then mounts the MLflow spool volume (values: spool).
 */}}
 {{- define "metaplatform.rayClusterSpec" -}}
 {{- $ := .ctx }}
 {{- $v := $.Values -}}
+{{- $spool := and .drivers $v.spool.enabled -}}
 rayVersion: {{ $v.ray.version | quote }}
 authOptions:
   mode: token
@@ -258,6 +264,11 @@ headGroupSpec:
             - {name: driver-metrics, containerPort: {{ $v.ray.driverMetricsPort }}}
           env:
             {{- include "metaplatform.rayEnv" $ | nindent 12 }}
+            {{- if $spool }}
+            # Where the drivers in this pod keep MLflow records not yet delivered (S3 checkpoints).
+            - name: METAPLATFORM_SPOOL
+              value: {{ $v.spool.mountPath | quote }}
+            {{- end }}
           resources:
             {{- toYaml $v.ray.head.resources | nindent 12 }}
           securityContext:
@@ -275,8 +286,16 @@ headGroupSpec:
                     {{- include "metaplatform.stopJobs" $ | nindent 20 }}
           volumeMounts:
             - {name: tmp, mountPath: /tmp}
+            {{- if $spool }}
+            - {name: mlflow-spool, mountPath: {{ $v.spool.mountPath | quote }}}
+            {{- end }}
       volumes:
         - {name: tmp, emptyDir: {}}
+        {{- if $spool }}
+        - name: mlflow-spool
+          persistentVolumeClaim:
+            claimName: {{ include "metaplatform.spoolClaim" $ }}
+        {{- end }}
         {{- if $v.ray.autoscaler.enabled }}
         # What automountServiceAccountToken would mount, for the autoscaler container only.
         - name: kube-api-access
