@@ -10,7 +10,8 @@ schema checks of what it renders, and running a rendered container's command the
   `openAPIV3Schema` of their CRDs in ../shared/k8s/crds, also strictly: the API server would prune an
   unknown field silently, which hides a typo.
 * `kuberay_problems` repeats the checks the KubeRay operator makes at reconcile time (read in
-  ray-operator/controllers/ray/utils/validation.go, v1.7.0), which no schema expresses.
+  ray-operator/controllers/ray/utils/validation.go, v1.7.0), which no schema expresses; for a
+  RayService also what Serve checks in its serveConfigV2 (a string the CRD cannot look into).
 """
 
 from __future__ import annotations
@@ -184,49 +185,110 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
 
 
+def ray_cluster_spec(obj: dict) -> dict | None:
+    """The cluster spec of a KubeRay object: a RayCluster's spec, a RayJob's rayClusterSpec (None on a
+    shared cluster), a RayService's rayClusterConfig; None for any other kind."""
+    spec = obj.get("spec") or {}
+    return {"RayCluster": spec, "RayJob": spec.get("rayClusterSpec"), "RayService": spec.get("rayClusterConfig")}.get(
+        obj["kind"]
+    )
+
+
 def kuberay_problems(obj: dict) -> list[str]:
-    """What the KubeRay operator (v1.7.0) rejects at reconcile time in a RayCluster or RayJob."""
+    """What the KubeRay operator (v1.7.0) rejects at reconcile time in a RayCluster, RayJob or RayService."""
     kind, name, spec = obj["kind"], obj["metadata"]["name"], obj.get("spec") or {}
     problems = []
     if kind == "RayCluster":
         if len(name) > 53 or not _DNS1035.match(name):
             problems.append(f"RayCluster name {name!r}: at most 53 characters, DNS-1035")
-        problems += _cluster_spec_problems(spec, f"RayCluster/{name}")
     elif kind == "RayJob":
-        if len(name) > 47 or not _DNS1035.match(name):
-            problems.append(f"RayJob name {name!r}: at most 47 characters, DNS-1035")
-        mode = spec.get("submissionMode", "K8sJobMode")
-        if mode not in SUBMISSION_MODES:
-            problems.append(f"RayJob/{name}: submissionMode {mode!r} is not one of {SUBMISSION_MODES}")
-        selector = spec.get("clusterSelector") or {}
-        if not spec.get("rayClusterSpec") and not selector:
-            problems.append(f"RayJob/{name}: one of rayClusterSpec or clusterSelector must be set")
-        if selector and not selector.get("ray.io/cluster"):
-            problems.append(f"RayJob/{name}: clusterSelector needs ray.io/cluster")
-        if selector and mode == "SidecarMode":
-            problems.append(f"RayJob/{name}: ClusterSelector is not supported in SidecarMode")
-        if mode == "SidecarMode" and ("submitterPodTemplate" in spec or "submitterConfig" in spec):
-            problems.append(f"RayJob/{name}: SidecarMode supports no submitterPodTemplate/submitterConfig")
-        if mode == "InteractiveMode" and spec.get("backoffLimit", 0) > 0:
-            problems.append(f"RayJob/{name}: backoffLimit is incompatible with InteractiveMode")
-        if not spec.get("shutdownAfterJobFinishes") and spec.get("ttlSecondsAfterFinished", 0) > 0:
-            problems.append(f"RayJob/{name}: ttlSecondsAfterFinished needs shutdownAfterJobFinishes")
-        if spec.get("ttlSecondsAfterFinished", 0) < 0 or spec.get("backoffLimit", 0) < 0:
-            problems.append(f"RayJob/{name}: negative ttlSecondsAfterFinished or backoffLimit")
-        if spec.get("activeDeadlineSeconds") is not None and spec["activeDeadlineSeconds"] <= 0:
-            problems.append(f"RayJob/{name}: activeDeadlineSeconds must be positive")
-        try:
-            runtime_env = yaml.safe_load(spec.get("runtimeEnvYAML") or "{}")
-            if not isinstance(runtime_env, dict):
-                problems.append(f"RayJob/{name}: runtimeEnvYAML is not a mapping")
-        except yaml.YAMLError as e:
-            problems.append(f"RayJob/{name}: runtimeEnvYAML is not YAML: {e}")
-        if spec.get("rayClusterSpec"):
-            problems += _cluster_spec_problems(spec["rayClusterSpec"], f"RayJob/{name}")
+        problems += _rayjob_problems(name, spec)
+    elif kind == "RayService":
+        problems += _rayservice_problems(name, spec)
+    cluster = ray_cluster_spec(obj)
+    if cluster:
+        problems += cluster_spec_problems(cluster, f"{kind}/{name}")
     return problems
 
 
-def _cluster_spec_problems(spec: dict, where: str) -> list[str]:
+def _rayjob_problems(name: str, spec: dict) -> list[str]:
+    problems = []
+    if len(name) > 47 or not _DNS1035.match(name):
+        problems.append(f"RayJob name {name!r}: at most 47 characters, DNS-1035")
+    mode = spec.get("submissionMode", "K8sJobMode")
+    if mode not in SUBMISSION_MODES:
+        problems.append(f"RayJob/{name}: submissionMode {mode!r} is not one of {SUBMISSION_MODES}")
+    selector = spec.get("clusterSelector") or {}
+    if not spec.get("rayClusterSpec") and not selector:
+        problems.append(f"RayJob/{name}: one of rayClusterSpec or clusterSelector must be set")
+    if selector and not selector.get("ray.io/cluster"):
+        problems.append(f"RayJob/{name}: clusterSelector needs ray.io/cluster")
+    if selector and mode == "SidecarMode":
+        problems.append(f"RayJob/{name}: ClusterSelector is not supported in SidecarMode")
+    if mode == "SidecarMode" and ("submitterPodTemplate" in spec or "submitterConfig" in spec):
+        problems.append(f"RayJob/{name}: SidecarMode supports no submitterPodTemplate/submitterConfig")
+    if mode == "InteractiveMode" and spec.get("backoffLimit", 0) > 0:
+        problems.append(f"RayJob/{name}: backoffLimit is incompatible with InteractiveMode")
+    if not spec.get("shutdownAfterJobFinishes") and spec.get("ttlSecondsAfterFinished", 0) > 0:
+        problems.append(f"RayJob/{name}: ttlSecondsAfterFinished needs shutdownAfterJobFinishes")
+    if spec.get("ttlSecondsAfterFinished", 0) < 0 or spec.get("backoffLimit", 0) < 0:
+        problems.append(f"RayJob/{name}: negative ttlSecondsAfterFinished or backoffLimit")
+    if spec.get("activeDeadlineSeconds") is not None and spec["activeDeadlineSeconds"] <= 0:
+        problems.append(f"RayJob/{name}: activeDeadlineSeconds must be positive")
+    try:
+        runtime_env = yaml.safe_load(spec.get("runtimeEnvYAML") or "{}")
+        if not isinstance(runtime_env, dict):
+            problems.append(f"RayJob/{name}: runtimeEnvYAML is not a mapping")
+    except yaml.YAMLError as e:
+        problems.append(f"RayJob/{name}: runtimeEnvYAML is not YAML: {e}")
+    return problems
+
+
+UPGRADE_TYPES = ("NewClusterWithIncrementalUpgrade", "NewCluster", "None")
+
+
+def _rayservice_problems(name: str, spec: dict) -> list[str]:
+    """KubeRay's RayService rules, and Serve's schema of the serveConfigV2 string it PUTs to the dashboard."""
+    problems = []
+    # KubeRay names the service's cluster <name>-<6 characters>, which must pass the RayCluster rule.
+    if len(name) > 47 or not _DNS1035.match(name):
+        problems.append(f"RayService name {name!r}: at most 47 characters, DNS-1035")
+    cluster = spec.get("rayClusterConfig")
+    if not cluster:
+        problems.append(f"RayService/{name}: rayClusterConfig is missing")
+    elif ((cluster["headGroupSpec"].get("headService") or {}).get("metadata") or {}).get("name"):
+        problems.append(f"RayService/{name}: rayClusterConfig.headGroupSpec.headService.metadata.name must not be set")
+    upgrade = (spec.get("upgradeStrategy") or {}).get("type")
+    if upgrade is not None and upgrade not in UPGRADE_TYPES:
+        problems.append(f"RayService/{name}: upgradeStrategy.type {upgrade!r} is not one of {UPGRADE_TYPES}")
+    if spec.get("rayClusterDeletionDelaySeconds", 0) < 0:
+        problems.append(f"RayService/{name}: rayClusterDeletionDelaySeconds must not be negative")
+    return problems + serve_config_problems(spec.get("serveConfigV2"), f"RayService/{name}")
+
+
+def serve_config_problems(text, where: str) -> list[str]:
+    """A serveConfigV2 string against Serve's own schema (ServeDeploySchema, what the dashboard's
+    PUT /api/serve/applications/ validates): YAML, a mapping, known fields of the right types."""
+    from pydantic import ValidationError
+    from ray.serve.schema import ServeDeploySchema
+
+    if not isinstance(text, str):
+        return [f"{where}: serveConfigV2 must be a YAML string, got {type(text).__name__}"]
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        return [f"{where}: serveConfigV2 is not YAML: {e}"]
+    if not isinstance(config, dict):
+        return [f"{where}: serveConfigV2 is not a mapping"]
+    try:
+        ServeDeploySchema.model_validate(config)
+    except ValidationError as e:
+        return [f"{where}: serveConfigV2 {'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()]
+    return []
+
+
+def cluster_spec_problems(spec: dict, where: str) -> list[str]:
+    """KubeRay's rules for a cluster spec (a RayCluster's, a RayJob's own, a RayService's)."""
     problems = []
     groups = [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec.get("workerGroupSpecs") or []]
     for group, g in groups:
@@ -253,27 +315,21 @@ def _cluster_spec_problems(spec: dict, where: str) -> list[str]:
 
 
 def pod_specs(objects: list[dict]) -> list[tuple[str, dict, dict]]:
-    """(where, pod metadata, pod spec) of every pod the objects create, KubeRay's pods included."""
+    """(where, pod metadata, pod spec) of every pod the objects create, KubeRay's pods (RayCluster,
+    RayJob, RayService) included; `where` is "<Kind>/<name>", "<Kind>/<name> <group>" for a Ray group
+    ("head" for the head), "<Kind>/<name> submitter" for a RayJob's submitter."""
     pods = []
     for o in objects:
         name, spec = f"{o['kind']}/{o['metadata']['name']}", o.get("spec") or {}
         if o["kind"] in ("Deployment", "StatefulSet", "Job"):
             pods.append((name, spec["template"].get("metadata", {}), spec["template"]["spec"]))
-        elif o["kind"] in ("RayCluster", "RayJob"):
-            cluster = spec if o["kind"] == "RayCluster" else spec.get("rayClusterSpec")
-            if cluster:
-                groups = [cluster["headGroupSpec"], *(cluster.get("workerGroupSpecs") or [])]
-                for g in groups:
-                    pods.append(
-                        (
-                            f"{name} {g.get('groupName', 'head')}",
-                            g["template"].get("metadata", {}),
-                            g["template"]["spec"],
-                        )
-                    )
-            if spec.get("submitterPodTemplate"):
-                template = spec["submitterPodTemplate"]
-                pods.append((f"{name} submitter", template.get("metadata", {}), template["spec"]))
+        if cluster := ray_cluster_spec(o):
+            for g in [cluster["headGroupSpec"], *(cluster.get("workerGroupSpecs") or [])]:
+                template = g["template"]
+                pods.append((f"{name} {g.get('groupName', 'head')}", template.get("metadata", {}), template["spec"]))
+        if o["kind"] == "RayJob" and spec.get("submitterPodTemplate"):
+            template = spec["submitterPodTemplate"]
+            pods.append((f"{name} submitter", template.get("metadata", {}), template["spec"]))
     return pods
 
 

@@ -3,7 +3,9 @@ helm v4 (tests/deploy_tools.py), and the commands it renders run for real.
 
 Each values set is rendered once per session (`rendered`): every file in the chart's ci/ folder
 (the defaults with generated Secrets, GPU workers, RayJobs on their own and the shared cluster, an
-external database with every Secret named, auth on, a minimal install).
+external database with every Secret named, auth on, a minimal install, serving alone): every check
+of Ray pods covers the pods of RayClusters, RayJobs and the RayService alike (deploy_tools.pod_specs,
+ray_cluster_spec).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from deploy_tools import (
     kuberay_problems,
     one,
     pod_specs,
+    ray_cluster_spec,
     render,
     secret_data,
     selector_matches,
@@ -51,6 +54,8 @@ VALUE_SETS = {f.stem: [f] for f in CI_VALUES}  # "default": the defaults plus ge
 RELEASE, NAMESPACE = "mp", "ml"
 FULLNAME = f"{RELEASE}-metaplatform"
 GENERATE = {"generateSecrets": True}  # the chart refuses to make Secrets without this choice
+SERVING = {"enabled": True, "registeredModel": "omniglot"}
+RAY_KINDS = ("RayCluster", "RayJob", "RayService")
 
 
 @pytest.fixture(scope="session")
@@ -64,9 +69,8 @@ def crd_schemas() -> CrdSchemas:
 
 
 def test_ci_values_files_are_there():
-    assert {"default", "gpu-workers", "rayjob-own-cluster", "external-database", "auth-on", "minimal"} <= set(
-        VALUE_SETS
-    )
+    wanted = {"default", "gpu-workers", "rayjob-own-cluster", "external-database", "auth-on", "minimal", "serving"}
+    assert wanted <= set(VALUE_SETS)
 
 
 @pytest.mark.parametrize("values", VALUE_SETS)
@@ -97,7 +101,7 @@ def test_rendered_objects_are_valid(values, rendered, crd_schemas):
                 problems += builtin_problems(obj, version)
         problems += kuberay_problems(obj)
     assert not problems, "\n".join(problems)
-    assert kinds & {"RayCluster", "RayJob"}, "a values set without any Ray object"
+    assert kinds & set(RAY_KINDS), "a values set without any Ray object"
     names = [(o["kind"], o["metadata"]["name"]) for o in objects]
     assert len(names) == len(set(names)), f"duplicate objects: {names}"
 
@@ -125,6 +129,25 @@ def test_validators_reject_what_the_api_server_would(rendered, crd_schemas):
     cluster = json.loads(json.dumps(one(rendered["default"], "RayCluster")))
     cluster["spec"]["rayVersion"] = "2.51.0"
     assert any("2.52.0" in p for p in kuberay_problems(cluster))
+
+    # A RayService: its cluster (rayClusterConfig) and its serveConfigV2 string are checked too.
+    service = json.loads(json.dumps(one(rendered["serving"], "RayService")))
+    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]
+    head["template"]["spec"]["containers"][0]["imagePullPolice"] = "Always"
+    service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplicas"] = "four"
+    found = crd_schemas.problems(service)
+    assert any("imagePullPolice" in p for p in found) and any("four" in p for p in found), found
+    service = json.loads(json.dumps(one(rendered["serving"], "RayService")))
+    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]
+    service["metadata"]["name"] = "x" * 48
+    service["spec"]["rayClusterConfig"]["rayVersion"] = "2.51.0"
+    head["headService"] = {"metadata": {"name": "mine"}}
+    service["spec"]["serveConfigV2"] = service["spec"]["serveConfigV2"].replace("import_path", "import_pat")
+    found = kuberay_problems(service)
+    for needed in ("at most 47 characters", "2.52.0", "headService.metadata.name", "import_pat"):
+        assert any(needed in p for p in found), (needed, found)
+    service["spec"]["serveConfigV2"] = "applications: [oops"
+    assert any("not YAML" in p for p in kuberay_problems(service))
 
 
 # -- bad values are rejected with the value's name -----------------------------------------------
@@ -270,6 +293,7 @@ def test_secrets_are_named_or_generated_by_choice():
         "postgresql": {"existingSecret": "pg"},
         "mlflow": {"auth": {"enabled": True, "existingSecret": "admin", "existingServerSecret": "key"}},
         "jobs": [JOB],
+        "serving": SERVING,
     }
     first, second = (helm(*template_args(set_values=named, release=RELEASE, namespace=NAMESPACE)) for _ in range(2))
     assert first.returncode == 0, first.stderr
@@ -284,7 +308,8 @@ def test_secrets_are_named_or_generated_by_choice():
         if "secretKeyRef" in var.get("valueFrom", {})
     }
     assert refs == {"ray-token", "pg", "admin", "key"}
-    assert {o["spec"]["authOptions"]["secretName"] for o in find(objects, "RayCluster")} == {"ray-token"}
+    clusters = [cluster for o in objects if (cluster := ray_cluster_spec(o))]
+    assert len(clusters) == 3 and {c["authOptions"]["secretName"] for c in clusters} == {"ray-token"}
 
 
 # -- RayJobs --------------------------------------------------------------------------------------
@@ -365,13 +390,12 @@ def test_stopped_drivers_get_the_stop_wait():
     """Every Ray container gets RAY_JOB_STOP_WAIT_TIME_S (ray.jobStopWaitSeconds), and head pods a
     grace period beyond it, for the preStop hook that stops their jobs."""
     for stop_wait, ray in ((120, {}), (300, {"ray": {"jobStopWaitSeconds": 300}})):
-        objects = render(set_values={**GENERATE, **ray, "jobs": [JOB]}, release=RELEASE, namespace=NAMESPACE)
-        clusters = [o["spec"] for o in find(objects, "RayCluster")] + [
-            j["spec"]["rayClusterSpec"] for j in find(objects, "RayJob")
-        ]
-        assert len(clusters) == 2
+        values = {**GENERATE, **ray, "jobs": [JOB], "serving": SERVING}
+        objects = render(set_values=values, release=RELEASE, namespace=NAMESPACE)
+        clusters = [cluster for o in objects if (cluster := ray_cluster_spec(o))]
+        assert len(clusters) == 3  # the RayCluster's, the RayJob's, the RayService's
         for where, _, spec in pod_specs(objects):
-            if "submitter" in where or not where.startswith(("RayCluster", "RayJob")):
+            if "submitter" in where or not where.startswith(RAY_KINDS):
                 continue
             env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
             assert env["RAY_JOB_STOP_WAIT_TIME_S"] == str(stop_wait), where
@@ -544,11 +568,15 @@ def test_mlflow_server(rendered):
 # -- monitoring ----------------------------------------------------------------------------------
 
 
-def test_pod_monitors_find_the_ray_pods(rendered):
-    objects = rendered["rayjob-own-cluster"]
+@pytest.mark.parametrize(
+    "values,count",
+    [("rayjob-own-cluster", 4), ("serving", 3)],  # the chart's and the own-cluster job's head and group; serving's
+)
+def test_pod_monitors_find_the_ray_pods(rendered, values, count):
+    objects = rendered[values]
     ray_pods = [(where, meta, spec) for where, meta, spec in pod_specs(objects) if "submitter" not in where]
-    ray_pods = [p for p in ray_pods if p[0].startswith(("RayCluster", "RayJob"))]
-    assert len(ray_pods) == 4  # the chart's head and worker group, the own-cluster job's head and group
+    ray_pods = [p for p in ray_pods if p[0].startswith(RAY_KINDS)]
+    assert len(ray_pods) == count
     ray = one(objects, "PodMonitor", f"{FULLNAME}-ray")["spec"]
     driver = one(objects, "PodMonitor", f"{FULLNAME}-driver")["spec"]
     for where, meta, spec in ray_pods:
@@ -611,6 +639,8 @@ def test_pods_run_locked_down(values, rendered):
         assert spec["securityContext"]["runAsNonRoot"] is True, where
         assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, where
         for c in [*spec["containers"], *spec.get("initContainers", [])]:
+            for bound in ("requests", "limits"):  # schedulable and bounded: what the scheduler and quotas need
+                assert {"cpu", "memory"} <= set(c["resources"][bound]), (where, c["name"], bound)
             sc = c["securityContext"]
             assert sc["allowPrivilegeEscalation"] is False, (where, c["name"])
             assert sc["capabilities"] == {"drop": ["ALL"]}, (where, c["name"])
@@ -627,11 +657,8 @@ def test_only_the_autoscaler_gets_the_head_pod_s_token(rendered):
     """With the in-tree autoscaler (which scales the worker groups through the Kubernetes API), the
     head pod's token is a projected volume mounted into the autoscaler container alone."""
     token = "/var/run/secrets/kubernetes.io/serviceaccount"
-    for values in ("default", "minimal"):
-        for obj in find(rendered[values], "RayCluster") + find(rendered[values], "RayJob"):
-            cluster = obj["spec"] if obj["kind"] == "RayCluster" else obj["spec"].get("rayClusterSpec")
-            if not cluster:
-                continue
+    for values in ("default", "minimal", "serving"):
+        for cluster in filter(None, map(ray_cluster_spec, rendered[values])):
             head = _head(cluster)
             volumes = {v["name"]: v for v in head["volumes"]}
             for c in head["containers"]:
@@ -651,9 +678,11 @@ def test_nothing_is_exposed_outside_the_cluster(values, rendered):
         assert service["spec"].get("type", "ClusterIP") == "ClusterIP", service["metadata"]["name"]
     for obj in rendered[values]:
         assert obj["kind"] not in ("Ingress", "Route")
-        for cluster in [obj["spec"]] if obj["kind"] == "RayCluster" else []:
+        if cluster := ray_cluster_spec(obj):
             assert cluster["headGroupSpec"]["serviceType"] == "ClusterIP"
             assert not cluster["headGroupSpec"].get("enableIngress")
+        if obj["kind"] == "RayService":  # KubeRay's serve Service
+            assert obj["spec"]["serveService"]["spec"]["type"] == "ClusterIP"
 
 
 def _leaves(node, path=()):
@@ -680,7 +709,7 @@ def test_no_secret_values_in_defaults_or_config_maps(rendered):
     for name, objects in rendered.items():
         secrets = [v for data in secret_data(objects).values() for v in data.values() if len(v) >= 16]
         for obj in objects:
-            if obj["kind"] in ("ConfigMap", "RayCluster", "RayJob", "Deployment", "StatefulSet"):
+            if obj["kind"] in ("ConfigMap", *RAY_KINDS, "Deployment", "StatefulSet"):
                 text = json.dumps(obj)
                 assert not any(s in text for s in secrets), f"{name}: a secret value in {obj['kind']}"
 
