@@ -10,13 +10,19 @@ POST / {"support_x": [...], "support_y": [...], "query_x": [...], "steps"?: N, "
      the run's task.channels and task.image_size ((n, S, S) for one channel, ink high; Omniglot's
      S is 28), or x values (n,) / (n, 1); labels are the user's names.
 POST / {"task_id": "...", "query_x": [...]}: predicts with the task adapted before, no adaptation.
+  Header `serve_multiplexed_model_id: <task_id>` (instead of, or equal to, the body's task_id): Serve
+  routes the request to a replica that holds the task.
 GET /  -> the replica's model, limits, cache occupancy, adaptation count and RSS.
 
 Adapt once, predict many: the adapted model (fast weights or prototypes: learner.AdaptedModel) is kept
 per replica in a bounded LRU under the request's task_id, else under the SHA-256 of its support set
 and steps, so resending a support set is a cache hit too. A task_id sent with a different support
-set is adapted again and replaced. The cache is per replica: a query-only request that reaches a
-replica without the task answers 404 and the client resends the support set.
+set is adapted again and replaced. The LRU is Serve's model multiplexing (`serve.multiplexed`, a task
+is a "model"): each replica reports the tasks it holds, and Serve's router sends a request carrying
+the header to a replica that holds its task (one with the fewest tasks when none does). A query-only
+request that still reaches a replica without the task (the header left out, the task evicted, its
+replica gone, or sent within the moment before the router learns where it was adapted) answers 404
+and the client resends the support set.
 
 Bad requests answer 4xx with {"error": "...", "problems": [...]}, each problem naming the field.
 """
@@ -29,7 +35,8 @@ import json
 import os
 import signal
 import threading
-from collections import OrderedDict
+from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Literal
 
@@ -49,6 +56,7 @@ from platform.learner import AdaptedModel, Learner, load_learner
 
 FIELDS = ("support_x", "support_y", "query_x", "steps", "task_id")
 MAX_TASK_ID = 200  # characters
+ROUTING_HEADER = "serve_multiplexed_model_id"  # Serve's proxy routes on it (model multiplexing)
 
 
 class ServeArgs(BaseModel):
@@ -114,11 +122,16 @@ def _steps(value, max_steps: int) -> int | None:
     return value
 
 
-def _task_id(value) -> str | None:
+def _task_id(value, routed: str) -> str | None:
+    """The body's task_id, else the routing header's (`routed`, "" when absent); given both, they agree."""
+    if routed and value is not None and value != routed:
+        problem = f"differs from the {ROUTING_HEADER} header ({routed[:40]!r}); send one task id"
+        raise BadRequest([f"task_id = {str(value)[:40]!r}: {problem}"])
+    field, value = ("task_id", value) if value is not None else (ROUTING_HEADER, routed or None)
     if value is None:
         return None
     if not isinstance(value, str) or not 0 < len(value) <= MAX_TASK_ID:
-        raise BadRequest([f"task_id = {str(value)[:40]!r}: must be a string of 1 to {MAX_TASK_ID} characters"])
+        raise BadRequest([f"{field} = {str(value)[:40]!r}: must be a string of 1 to {MAX_TASK_ID} characters"])
     return value
 
 
@@ -133,8 +146,9 @@ def _labels(value, args: ServeArgs, classification: bool):
     return value
 
 
-def parse_task(body: bytes, args: ServeArgs, classification: bool) -> TaskRequest:
-    """A request body checked against the limits; the learner checks the rest (shapes, label counts)."""
+def parse_task(body: bytes, args: ServeArgs, classification: bool, routed: str = "") -> TaskRequest:
+    """A request body checked against the limits; the learner checks the rest (shapes, label counts).
+    `routed`: the task id of the routing header ("" without one)."""
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
@@ -145,7 +159,7 @@ def parse_task(body: bytes, args: ServeArgs, classification: bool) -> TaskReques
         raise BadRequest([f"{name}: unknown field; the fields are {', '.join(FIELDS)}" for name in unknown])
     if "query_x" not in data:
         raise BadRequest(["query_x: missing; give the examples to predict"])
-    task_id, steps = _task_id(data.get("task_id")), _steps(data.get("steps"), args.max_steps)
+    task_id, steps = _task_id(data.get("task_id"), routed), _steps(data.get("steps"), args.max_steps)
     query_x = examples(data["query_x"], "query_x", args.max_query, "max_query", classification)
     if "support_x" not in data and "support_y" not in data:
         if task_id is None:
@@ -167,27 +181,22 @@ def support_digest(task: TaskRequest, steps: int) -> str:
     return h.hexdigest()
 
 
-class AdaptedCache:
-    """A bounded LRU of adapted tasks: key -> (support digest, AdaptedModel)."""
+class CachedTask:
+    """An adapted task in a replica's cache (Serve's multiplexed models), under its key. Serve calls a
+    multiplexed model's `__del__` when it evicts it (its unload hook): `on_evict` keeps the replica's
+    set of held keys true. Called again by the garbage collector, it does nothing."""
 
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self._entries: OrderedDict[str, tuple[str, AdaptedModel]] = OrderedDict()
+    def __init__(self, key: str, digest: str, model: AdaptedModel, on_evict: Callable[[str], None]):
+        self.key, self.digest, self.model = key, digest, model
+        self._on_evict: Callable[[str], None] | None = on_evict
 
-    def __len__(self) -> int:
-        return len(self._entries)
+    def replace(self, digest: str, model: AdaptedModel) -> None:
+        self.digest, self.model = digest, model
 
-    def get(self, key: str) -> tuple[str, AdaptedModel] | None:
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries.move_to_end(key)
-        return entry
-
-    def put(self, key: str, digest: str, model: AdaptedModel) -> None:
-        self._entries[key] = (digest, model)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
+    def __del__(self):
+        on_evict, self._on_evict = self._on_evict, None
+        if on_evict is not None:
+            on_evict(self.key)
 
 
 def predictions_json(adapted: AdaptedModel, query_x: np.ndarray) -> dict:
@@ -213,26 +222,57 @@ class Adapter:
         torch.set_num_threads(max(1, int(args.num_cpus)))
         self.args = args
         self.learner: Learner = load_learner(args.model, bn_stats=args.bn_stats)
-        self.cache = AdaptedCache(args.cache_size)
+        self.held: set[str] = set()  # the keys in the cache (Serve's LRU, which keeps its own to itself)
         self.adaptations = 0
+        # The adaptation a request brings to the cache: what the multiplexed loader (which takes only
+        # the key) stores on a miss. A context variable: each request is an asyncio task of its own.
+        # Made here, in the replica: `python -m platform.serve` pickles this class by value.
+        self.fresh: ContextVar[tuple[str, AdaptedModel] | None] = ContextVar("fresh_adaptation", default=None)
 
-    def answer(self, task: TaskRequest) -> dict:
+        async def cached_task(key: str) -> CachedTask:
+            return self._store(key)
+
+        # Serve's LRU of multiplexed models is the cache: what it holds, the router knows and routes to.
+        self.cached_task = serve.multiplexed(max_num_models_per_replica=args.cache_size)(cached_task)
+
+    def _store(self, key: str) -> CachedTask:
+        """The multiplexed loader: a cache miss stores the request's fresh adaptation."""
+        fresh = self.fresh.get()
+        if fresh is None:  # a query-only request whose task was evicted while it was being looked up
+            raise self._unknown(key)
+        self.held.add(key)
+        return CachedTask(key, *fresh, on_evict=self.held.discard)
+
+    def _unknown(self, key: str) -> BadRequest:
+        capacity = f"never adapted on this replica, or evicted from its cache of {self.args.cache_size}"
+        return BadRequest([f"task_id = {key!r}: unknown ({capacity}); send support_x and support_y with it"], 404)
+
+    def _adapt(self, task: TaskRequest) -> AdaptedModel:
+        self.adaptations += 1
+        return self.learner.adapt(task.support_x, task.support_y, task.steps)
+
+    async def answer(self, task: TaskRequest) -> dict:
         """Predictions for a task, adapting only when its key is not cached with the same support set."""
         digest = None
         if task.support_x is not None:
             steps = self.learner.config.optim.test_inner_steps if task.steps is None else task.steps
             digest = support_digest(task, steps)
         key = task.task_id or digest
-        entry = self.cache.get(key)
-        adapted_now = digest is not None and (entry is None or entry[0] != digest)
-        if adapted_now:
-            entry = (digest, self.learner.adapt(task.support_x, task.support_y, task.steps))
-            self.cache.put(key, *entry)
-            self.adaptations += 1
-        elif entry is None:
-            capacity = f"never adapted on this replica, or evicted from its cache of {self.cache.capacity}"
-            raise BadRequest([f"task_id = {key!r}: unknown ({capacity}); send support_x and support_y with it"], 404)
-        return {"task_id": key, "adapted": adapted_now, **predictions_json(entry[1], task.query_x)}
+        fresh = None
+        if key not in self.held:  # checked first: a miss in Serve's LRU evicts a task before loading
+            if digest is None:
+                raise self._unknown(key)
+            fresh = (digest, self._adapt(task))  # bad input raises here, before the cache changes
+        token = self.fresh.set(fresh)
+        try:
+            entry = await self.cached_task(key)
+        finally:
+            self.fresh.reset(token)
+        adapted_now = fresh is not None
+        if digest is not None and entry.digest != digest:  # another support set under this task_id
+            entry.replace(*(fresh or (digest, self._adapt(task))))  # (fresh: another request stored the key first)
+            adapted_now = True
+        return {"task_id": key, "adapted": adapted_now, **predictions_json(entry.model, task.query_x)}
 
     def info(self) -> dict:
         return {
@@ -241,7 +281,7 @@ class Adapter:
             "classification": self.learner.classification,
             "head_outputs": self.learner.head_outputs,
             "default_steps": self.learner.config.optim.test_inner_steps,
-            "cache": {"tasks": len(self.cache), "capacity": self.cache.capacity},
+            "cache": {"tasks": len(self.held), "capacity": self.args.cache_size},
             "adaptations": self.adaptations,
             "rss_bytes": rss_bytes(),
             "limits": self.args.model_dump(include={"max_support", "max_query", "max_ways", "max_steps"}),
@@ -259,8 +299,9 @@ class Adapter:
             if max(declared, len(body)) > limit:
                 size = max(declared, len(body))
                 raise BadRequest([f"body: {size} bytes; this server takes at most {limit} (max_request_bytes)"], 413)
-            task = parse_task(body, self.args, self.learner.classification)
-            return JSONResponse(self.answer(task))
+            routed = serve.get_multiplexed_model_id()  # the ROUTING_HEADER's value, "" without one
+            task = parse_task(body, self.args, self.learner.classification, routed)
+            return JSONResponse(await self.answer(task))
         except BadRequest as e:
             return JSONResponse({"error": str(e), "problems": e.problems}, e.status)
         except ConfigError as e:  # the learner's InputError: one problem per field

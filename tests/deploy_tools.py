@@ -102,12 +102,16 @@ def template_args(values_files=(), set_values: dict | None = None, release: str 
     return args
 
 
+# libyaml's safe loader: the same documents as yaml.SafeLoader, parsed ~8x faster (the CRDs: 0.5 s, not 4).
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def render(values_files=(), set_values: dict | None = None, *, chart: Path = CHART, **kw) -> list[dict]:
     """The objects `helm template` renders (documents that are empty dropped)."""
     result = helm(*template_args(values_files, set_values, **kw), chart=chart)
     if result.returncode != 0:
         raise AssertionError(f"helm template failed:\n{result.stderr}")
-    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    return [doc for doc in yaml.load_all(result.stdout, Loader=YAML_LOADER) if doc]
 
 
 def find(objects: list[dict], kind: str, name: str | None = None) -> list[dict]:
@@ -148,7 +152,7 @@ class CrdSchemas:
 
         self.validators: dict[tuple[str, str], jsonschema.Draft7Validator] = {}
         for path in sorted(folder.glob("*.yaml")):
-            crd = yaml.safe_load(path.read_text())
+            crd = yaml.load(path.read_text(), Loader=YAML_LOADER)
             group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
             for version in crd["spec"]["versions"]:
                 schema = _strict(version["schema"]["openAPIV3Schema"])

@@ -1,15 +1,18 @@
 """Adaptation served by Ray Serve (platform/serve.py), for real: `python -m platform.serve` on the session
-Ray head (a driver subprocess with the cluster's environment), a second application added through the
-builder (`build_app`, what `serve run` and KubeRay's serveConfigV2 call), HTTP on loopback. Models are
+Ray head (a driver subprocess with the cluster's environment), a second application (two replicas,
+for the task-id routing) added through the builder (`build_app`, what `serve run` and KubeRay's
+serveConfigV2 call), HTTP on loopback. Models are
 tiny and untrained (a Conv4 MAML classifier and a sinusoid MLP, built from their configs): what is
 checked is that the service computes what the library computes, not what the model knows."""
 
+import http.client
 import json
 import random
 import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +25,7 @@ from platform.algorithms import build
 from platform.checkpoint import CheckpointStore
 from platform.config import RunConfig
 from platform.learner import load_learner
+from platform.serve import ROUTING_HEADER
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE, MAX_SUPPORT, MAX_QUERY, MAX_WAYS, MAX_BYTES = 4, 20, 10, 5, 1_000_000
@@ -32,14 +36,19 @@ CLASSIFIER = {
     "optim": {"test_inner_steps": 2},
 }
 SINUSOID = {"optim": {"test_inner_steps": 5}}
-# The sinusoid app, added to the running Serve instance through the builder (as serveConfigV2 would).
+# The sinusoid app, added to the running Serve instance through the builder (as serveConfigV2 would):
+# two replicas of half a CPU each (the session head has 4), for the routing of task ids.
 ADD_SINUSOID = """
 import sys, ray
 from ray import serve
 from platform.serve import build_app
 ray.init()
-serve.run(build_app({"model": sys.argv[1], "max_replicas": 1}), name="sinusoid", route_prefix="/sinusoid")
+args = {"model": sys.argv[1], "min_replicas": 2, "max_replicas": 2, "num_cpus": 0.5}
+serve.run(build_app(args), name="sinusoid", route_prefix="/sinusoid")
 """
+# What the replicas report of the tasks they hold reaches the proxy's router within about this
+# (a replica pushes its list every 0.1 s when it changed; the controller broadcasts it at once).
+ROUTING_DELAY_S = 2.0
 
 
 def checkpoint(folder: Path, values: dict) -> Path:
@@ -104,14 +113,31 @@ def learners(models):
     torch.set_num_threads(threads)
 
 
-def post(url: str, body) -> tuple[int, dict]:
+def post(url: str, body, headers: dict | None = None) -> tuple[int, dict]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(url, data, {"Content-Type": "application/json"})
+    request = urllib.request.Request(url, data, {"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
             return response.status, json.load(response)
     except urllib.error.HTTPError as e:
         return e.code, json.load(e)
+
+
+def post_declaring(url: str, size: int) -> tuple[int, dict]:
+    """A POST declaring a body of `size` bytes and sending none of it: refused from the header alone.
+    (Sending such a body is a race: the server answers before reading it and closes the connection,
+    and the client, still uploading, gets a broken pipe instead of the answer.)"""
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+    try:
+        connection.putrequest("POST", parts.path or "/")
+        connection.putheader("Content-Type", "application/json")
+        connection.putheader("Content-Length", str(size))
+        connection.endheaders()
+        response = connection.getresponse()
+        return response.status, json.load(response)
+    finally:
+        connection.close()
 
 
 def info(url: str) -> dict:
@@ -213,6 +239,42 @@ def test_the_cache_is_a_bounded_lru(server):
             assert status == 404 and f"task_id = '{task_id}'" in response["error"], response
 
 
+def test_the_routing_header_names_the_task_as_the_body_s_task_id_does(server):
+    task = image_task(500)
+    status, answer = post(server, task, {ROUTING_HEADER: "by-header"})
+    assert status == 200 and answer["adapted"] and answer["task_id"] == "by-header", answer
+    both = {"task_id": "by-header", "query_x": task["query_x"]}
+    status, answer = post(server, both, {ROUTING_HEADER: "by-header"})
+    assert status == 200 and not answer["adapted"], answer
+    status, answer = post(server, both | {"task_id": "other"}, {ROUTING_HEADER: "by-header"})
+    assert status == 400, answer
+    assert answer["problems"] == [
+        f"task_id = 'other': differs from the {ROUTING_HEADER} header ('by-header'); send one task id"
+    ]
+    status, answer = post(server, task, {ROUTING_HEADER: "x" * 201})
+    assert status == 400 and answer["error"].startswith(f"{ROUTING_HEADER} = 'xxx"), answer
+
+
+def test_the_routing_header_sends_a_task_s_queries_to_the_replica_that_holds_it(server, learners):
+    """Two sinusoid replicas, four tasks adapted once each (each held by one replica). Query-only
+    requests carrying the header are all answered from the cache; the same requests without it
+    reach the replica that lacks the task about half the time (404): the header is what routes."""
+    url = server + "/sinusoid"
+    tasks = {f"route-{i}": sinusoid_task(400 + i) for i in range(4)}
+    for task_id, task in tasks.items():
+        status, answer = post(url, task, {ROUTING_HEADER: task_id})
+        assert status == 200 and answer["adapted"], answer
+    time.sleep(ROUTING_DELAY_S)
+    for task_id, task in [*tasks.items()] * 5:
+        status, answer = post(url, {"query_x": task["query_x"]}, {ROUTING_HEADER: task_id})
+        assert status == 200 and not answer["adapted"] and answer["task_id"] == task_id, answer
+        assert_answers(answer, expected(learners["sinusoid"], task))
+    unrouted = [
+        post(url, {"task_id": task_id, "query_x": task["query_x"]})[0] for task_id, task in [*tasks.items()] * 5
+    ]
+    assert {200, 404} == set(unrouted), unrouted  # 20 requests, each to either replica: 2^-19 to see one kind
+
+
 def bad_requests(seed: int) -> list[tuple[str, object, str]]:
     """(url suffix, body, the field the error must name): one of each kind a client gets wrong."""
     good, rng = image_task(seed), np.random.default_rng(seed)
@@ -233,7 +295,6 @@ def bad_requests(seed: int) -> list[tuple[str, object, str]]:
         ("", good | {"query_x": [["a"]]}, "query_x"),
         ("", good | {"shots": 1}, "shots"),
         ("", b"{not json", "body"),
-        ("", json.dumps(good).encode() + b" " * MAX_BYTES, "body"),
         ("/sinusoid", json.dumps(sinusoid).replace(str(sinusoid["query_x"][0][0]), "NaN", 1).encode(), "query_x"),
         ("/sinusoid", sinusoid | {"support_y": sinusoid["support_y"][:3]}, "support_y"),
     ]
@@ -241,7 +302,7 @@ def bad_requests(seed: int) -> list[tuple[str, object, str]]:
 
 def test_bad_requests_get_4xx_naming_the_field_and_good_ones_are_answered(server, learners):
     """100 bad requests interleaved with good ones, 8 at a time: every bad one a 4xx whose message
-    names the field, every good one the library's answer."""
+    names the field, every good one the library's answer; then a body declared over the limit."""
     kinds = [bad for seed in range(7) for bad in bad_requests(seed)]
     bad = [("bad", *kinds[i]) for i in range(100)]
     good = [("good", "", image_task(300 + i) | {"steps": i % 3}, None) for i in range(20)]
@@ -258,6 +319,10 @@ def test_bad_requests_get_4xx_naming_the_field_and_good_ones_are_answered(server
             assert status == 200, response
             learner = learners["sinusoid" if path else "classifier"]
             assert_answers(response, expected(learner, body, body.get("steps")))
+    status, response = post_declaring(server, MAX_BYTES + 1)
+    assert status == 413 and response["problems"] == [
+        f"body: {MAX_BYTES + 1} bytes; this server takes at most {MAX_BYTES} (max_request_bytes)"
+    ], response
     assert info(server)["model"]  # still serving
 
 
