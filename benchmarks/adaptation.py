@@ -34,9 +34,9 @@ from benchmarks.reference import (
     write_json,
 )
 from platform.algorithms import build
+from platform.chunks import gradient_chunks
 from platform.cli import run
 from platform.config import load_config
-from platform.engine import gradient_chunks
 from platform.tasks import iteration_seeds, task_sampler
 
 

@@ -19,8 +19,9 @@ import numpy as np
 import ray
 import torch
 
+from platform.chunks import gradient_chunks
 from platform.config import OptimConfig, RunConfig, with_values
-from platform.engine import ChunkGradients, WorkerPool, flatten, gradient_chunks, unflatten
+from platform.engine import ChunkGradients, WorkerPool, flatten, unflatten
 from platform.metatest import summarize
 from platform.tasks import evaluation_seeds, iteration_seeds
 

@@ -34,6 +34,7 @@ from ray.util.placement_group import (
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from platform.algorithms import Params, build
+from platform.chunks import shards
 from platform.cli import first_line
 from platform.config import RunConfig
 from platform.data import DataError
@@ -77,34 +78,6 @@ def unflatten(flat: np.ndarray | torch.Tensor, like: Params) -> Params:
         out[k] = flat[start : start + v.numel()].view_as(v)
         start += v.numel()
     return out
-
-
-def chunked(seeds: list[int], size: int) -> list[list[int]]:
-    return [seeds[i : i + size] for i in range(0, len(seeds), size)]
-
-
-def split(items: list, parts: int, longer_first: bool = True) -> list[list]:
-    """`items` in `parts` contiguous runs whose lengths differ by at most one, the longer ones first
-    (or last)."""
-    base, extra = divmod(len(items), parts)
-    lengths = [base + (k < extra if longer_first else k >= parts - extra) for k in range(parts)]
-    bounds = np.cumsum([0, *lengths])
-    return [items[bounds[k] : bounds[k + 1]] for k in range(parts)]
-
-
-def gradient_chunks(seeds: list, chunk: int | str, workers: int) -> list[list]:
-    """An iteration's seeds in gradient chunks, fixed by config values alone (never by the live actors,
-    so shrinking and growing back changes nothing): `chunk` tasks each (the last one shorter), or for
-    `chunk` "auto" one chunk per configured worker, their sizes differing by at most one task."""
-    if chunk == "auto":
-        return split(seeds, workers)
-    return chunked(seeds, chunk)
-
-
-def shards(chunks: list, actors: int) -> list[list]:
-    """One contiguous run of chunks per actor; no actor gets more than one chunk more than another, and
-    the extra chunks go to the last actors, whose runs hold the short last chunk."""
-    return split(chunks, actors, longer_first=False)
 
 
 @dataclass(frozen=True, eq=False)

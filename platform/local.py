@@ -19,10 +19,11 @@ from types import SimpleNamespace
 import ray
 import torch
 
+from platform.chunks import chunked
 from platform.config import ConfigError, RunConfig
 from platform.data import DataError
 from platform.driver import connect_ray
-from platform.engine import AdaptationWorker, WorkerInfo, WorkerPool, chunked
+from platform.engine import AdaptationWorker, WorkerInfo, WorkerPool
 
 CANCEL_PIECE = 50  # meta-validation tasks between checks for a stop (~0.2 s for the sinusoid MLP)
 

@@ -23,6 +23,7 @@ from platform.algorithms import (
     build_algorithm,
     vectorized,
 )
+from platform.chunks import chunked
 from platform.config import RunConfig, load_config
 from platform.models import MLP, BatchNorm, Conv4, ResNet12
 from platform.tasks import Task
@@ -287,7 +288,7 @@ def test_reptile_driver_average(monkeypatch):
         torch.set_num_threads(threads)  # the worker pins its process to cpus_per_worker threads
     _, _, initial = build(config)
     seeds = [11, 12, 13]
-    result = worker.outer_grads(engine.flatten(initial), engine.chunked(seeds, config.optim.chunk))
+    result = worker.outer_grads(engine.flatten(initial), chunked(seeds, config.optim.chunk))
     assert result.grads.shape[0] == 2 and result.tasks.tolist() == [2, 1]
     average = engine.unflatten(result.grads.sum(axis=0) / config.optim.meta_batch, initial)
 
@@ -886,7 +887,7 @@ def test_a_resnet12_chunks_gradient_does_not_depend_on_the_worker_or_what_it_com
     finally:
         torch.set_num_threads(threads)  # the worker pins its process to cpus_per_worker threads
     flat = engine.flatten(workers[0].template)
-    chunks = engine.chunked(iteration_seeds(0, 0, 4), 1)
+    chunks = chunked(iteration_seeds(0, 0, 4), 1)
     alone = workers[0].outer_grads(flat, chunks).grads
     shared = np.concatenate(
         [workers[1].outer_grads(flat, chunks[:2]).grads, workers[2].outer_grads(flat, chunks[2:]).grads]

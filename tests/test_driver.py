@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from platform.chunks import chunked
 from platform.config import load_config
 from platform.driver import IterationRecord, apply_meta_gradient, make_optimizer, outer_lr, window_rates
-from platform.engine import chunked
 from platform.train import resume_conflicts
 
 
@@ -97,7 +97,7 @@ def test_eta_counts_hours_past_a_day():
 
 
 def test_shards_differ_by_at_most_one_chunk_and_the_extra_ones_go_last():
-    from platform.engine import shards
+    from platform.chunks import shards
 
     assert [len(s) for s in shards(list(range(5)), 2)] == [2, 3]  # linspace().round() gave the same, by luck
     for chunks in range(1, 40):
@@ -115,7 +115,7 @@ def test_shards_differ_by_at_most_one_chunk_and_the_extra_ones_go_last():
 
 
 def test_auto_chunks_split_the_meta_batch_by_the_configured_workers():
-    from platform.engine import gradient_chunks
+    from platform.chunks import gradient_chunks
 
     seeds = list(range(25))
     assert [len(c) for c in gradient_chunks(seeds, "auto", 2)] == [13, 12]

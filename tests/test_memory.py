@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = """
 import json, sys
 from platform.config import load_config
-from platform.engine import AdaptationWorker, chunked, flatten
+from platform.chunks import chunked
+from platform.engine import AdaptationWorker, flatten
 
 def rss(field):
     with open("/proc/self/status") as f:
