@@ -392,13 +392,19 @@ def check(config: RunConfig) -> list[str]:
         )
     if r.min_workers > r.workers:
         problems.append(f"resources.min_workers = {r.min_workers}: more than resources.workers = {r.workers}")
+    return problems + _chunk_problems(o, r)
+
+
+def _chunk_problems(o: OptimConfig, r: ResourcesConfig) -> list[str]:
+    """The meta-batch's gradient chunks against the workers that compute them."""
     if o.chunk == "auto":
-        if r.workers > o.meta_batch:
-            problems.append(
-                f"resources.workers = {r.workers}: more workers than the {o.meta_batch} tasks of a meta-batch "
-                "(optim.chunk auto gives each configured worker one chunk); lower resources.workers"
-            )
-        return problems
+        too_many = r.workers > o.meta_batch
+        rule = (
+            f"more workers than the {o.meta_batch} tasks of a meta-batch "
+            "(optim.chunk auto gives each configured worker one chunk)"
+        )
+        return [f"resources.workers = {r.workers}: {rule}; lower resources.workers"] if too_many else []
+    problems = []
     if o.chunk > o.meta_batch:
         problems.append(
             f"optim.chunk = {o.chunk}: more than optim.meta_batch = {o.meta_batch} (a chunk is part of a meta-batch)"

@@ -1,4 +1,5 @@
-"""Real servers on loopback for tests: S3 (moto), PostgreSQL, the MLflow tracking server, Prometheus.
+"""Real servers on loopback for tests: S3 (moto), PostgreSQL, the MLflow tracking server, Prometheus,
+and a file server whose sending a test controls (paced, stalled: `file_server`).
 
     with PostgresServer() as pg:
         pg.create_database("mlflow")
@@ -50,6 +51,7 @@ the installed source or checked on a 2-core machine):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -59,16 +61,64 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Self
 
 VENV_BIN = Path(sys.executable).parent
 PG_BIN = Path(os.environ.get("METAPLATFORM_PG_BIN", "/usr/lib/postgresql/15/bin"))
 PROMETHEUS_BIN = os.environ.get("METAPLATFORM_PROMETHEUS_BIN", "prometheus")
+
+
+# send(write, body, closing): how a file's bytes go out; `write` writes and flushes, `closing` is set
+# when the server goes (a sender waiting on it returns then).
+Sender = Callable[[Callable[[bytes], None], bytes, threading.Event], None]
+
+
+def send_whole(write: Callable[[bytes], None], body: bytes, closing: threading.Event) -> None:
+    write(body)
+
+
+@contextlib.contextmanager
+def file_server(served: Path, send: Sender = send_whole) -> Iterator[str]:
+    """An http server on loopback serving the files under `served` (404 for others), each body sent
+    by `send` after a Content-Length of the whole file. Yields its base URL."""
+    closing = threading.Event()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            path = served / self.path.lstrip("/")
+            if not path.is_file():
+                self.send_error(404)
+                return
+            body = path.read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+
+            def write(data: bytes) -> None:
+                self.wfile.write(data)
+                self.wfile.flush()
+
+            send(write, body, closing)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        closing.set()
+        server.shutdown()
+        server.server_close()
 
 
 def free_port() -> int:

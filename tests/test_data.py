@@ -1,6 +1,5 @@
 """Tests of platform.data: Omniglot from every source, the decode cache, the user's image folders."""
 
-import functools
 import hashlib
 import io
 import random
@@ -10,13 +9,13 @@ import sys
 import threading
 import time
 import zipfile
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import boto3
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
+from services import file_server
 
 from platform import data
 from platform.images import OMNIGLOT_FORMAT, ImageFormat
@@ -115,20 +114,10 @@ def small_zips(tmp_path) -> Path:
 @pytest.fixture
 def http_root(tmp_path):
     """A plain http server on loopback serving `served/`; yields (folder, base URL)."""
-
-    class Quiet(SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
     served = tmp_path / "served"
     served.mkdir()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=served))
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    try:
-        yield served, f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with file_server(served) as base:
+        yield served, base
 
 
 # --- the full set ---------------------------------------------------------------------------------
@@ -276,55 +265,36 @@ def test_local_source_check(tmp_path, small_zips):
         data.check_omniglot_source(str(small_zips))
 
 
-def stalling_server(served: Path, stall: threading.Event):
-    """An http server on loopback that sends half of each file, then waits for `stall` before the rest."""
-
-    class Stalling(SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def do_GET(self):
-            body = (served / self.path.lstrip("/")).read_bytes()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body[: len(body) // 2])
-            self.wfile.flush()
-            stall.wait(30)
-            self.wfile.write(body[len(body) // 2 :])
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Stalling)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    return server
-
-
 def test_a_killed_download_leaves_no_temp_file_beyond_the_next_download(tmp_path, cache):
     served = write_zips(tmp_path / "served", omniglot_members())
     stall = threading.Event()
-    server = stalling_server(served, stall)
-    base = f"http://127.0.0.1:{server.server_port}"
-    try:
-        child = subprocess.Popen(
-            [sys.executable, "-c", f"import platform.data as d; d.load_omniglot({base!r})"], cwd=REPO
-        )
-        downloads = cache / "downloads"
-        deadline = time.monotonic() + 30
-        while not [p for p in downloads.glob(".*.tmp") if p.stat().st_size] and time.monotonic() < deadline:
-            time.sleep(0.02)
-        child.kill()  # SIGKILL mid-download: no handler runs, the temp file stays
-        child.wait(timeout=10)
-        [temp] = downloads.glob(".*.tmp")
-        stall.set()
-        assert data.load_omniglot(base).names == SMALL_NAMES
-        assert not temp.exists() and list(downloads.glob(".*.tmp")) == []
-        assert sorted(p.name.split("-", 1)[1] for p in downloads.iterdir() if p.suffix == ".zip") == [
-            "images_background.zip",
-            "images_evaluation.zip",
-        ]
-    finally:
-        stall.set()
-        server.shutdown()
-        server.server_close()
+
+    def half_then_the_rest_after_stall(write, body: bytes, closing: threading.Event) -> None:
+        write(body[: len(body) // 2])
+        stall.wait(30)
+        write(body[len(body) // 2 :])
+
+    with file_server(served, half_then_the_rest_after_stall) as base:
+        try:
+            child = subprocess.Popen(
+                [sys.executable, "-c", f"import platform.data as d; d.load_omniglot({base!r})"], cwd=REPO
+            )
+            downloads = cache / "downloads"
+            deadline = time.monotonic() + 30
+            while not [p for p in downloads.glob(".*.tmp") if p.stat().st_size] and time.monotonic() < deadline:
+                time.sleep(0.02)
+            child.kill()  # SIGKILL mid-download: no handler runs, the temp file stays
+            child.wait(timeout=10)
+            [temp] = downloads.glob(".*.tmp")
+            stall.set()
+            assert data.load_omniglot(base).names == SMALL_NAMES
+            assert not temp.exists() and list(downloads.glob(".*.tmp")) == []
+            assert sorted(p.name.split("-", 1)[1] for p in downloads.iterdir() if p.suffix == ".zip") == [
+                "images_background.zip",
+                "images_evaluation.zip",
+            ]
+        finally:
+            stall.set()  # else its sender waits out its 30 s
 
 
 def test_a_full_disk_during_a_download_is_reported_as_the_disk(http_root, cache):

@@ -6,7 +6,6 @@ compared bitwise with one uninterrupted reference run.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import signal
@@ -14,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import driver_runs
@@ -23,6 +21,7 @@ import pytest
 import torch
 from conftest import folder_with_a_corrupt_image
 from driver_runs import assert_same_params, finish, read_until
+from services import Sender, file_server
 
 from platform.checkpoint import CheckpointStore
 
@@ -150,42 +149,22 @@ def test_data_only_an_actor_can_read_is_one_usage_error_not_dying_actors(ray_clu
     assert CheckpointStore(tmp_path / "c").latest() is None
 
 
-@contextlib.contextmanager
-def paced_http_server(served: Path, seconds_per_file: float | None):
-    """An http server on loopback that sends each file of `served` spread over `seconds_per_file`, or
-    (None) half of it and then nothing until the server goes. Yields its URL and the (start, end) of
-    each file it sent whole."""
-    closing, spans = threading.Event(), []
+def paced(seconds_per_file: float, spans: list[tuple[float, float]]) -> Sender:
+    """Each file spread over `seconds_per_file`; the (start, end) of each file sent whole goes to `spans`."""
 
-    class Paced(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
+    def send(write, body: bytes, closing: threading.Event) -> None:
+        start, pieces = time.monotonic(), 50
+        for k in range(pieces):
+            write(body[k * len(body) // pieces : (k + 1) * len(body) // pieces])
+            closing.wait(seconds_per_file / pieces)
+        spans.append((start, time.monotonic()))
 
-        def do_GET(self):
-            body = (served / self.path.lstrip("/")).read_bytes()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            if seconds_per_file is None:
-                self.wfile.write(body[: len(body) // 2])
-                self.wfile.flush()
-                closing.wait()
-                return
-            start, pieces = time.monotonic(), 50
-            for k in range(pieces):
-                self.wfile.write(body[k * len(body) // pieces : (k + 1) * len(body) // pieces])
-                self.wfile.flush()
-                closing.wait(seconds_per_file / pieces)
-            spans.append((start, time.monotonic()))
+    return send
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Paced)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}", spans
-    finally:
-        closing.set()
-        server.shutdown()
-        server.server_close()
+
+def half_then_nothing(write, body: bytes, closing: threading.Event) -> None:
+    write(body[: len(body) // 2])
+    closing.wait()
 
 
 # Omniglot from an https-like source: each actor downloads it into its node's cache (the decoded
@@ -201,7 +180,8 @@ def test_loading_the_data_slower_than_the_start_timeout_is_not_a_failed_start(ra
     """The first actor on a node downloads the data set: its start is bounded by start_timeout_s, its
     data by data_timeout_s, so a download longer than the start timeout is neither killed nor restarted."""
     start_timeout = 5
-    with paced_http_server(Path(omniglot_source), seconds_per_file=4) as (url, spans):
+    spans = []
+    with file_server(Path(omniglot_source), paced(4, spans)) as url:
         proc = driver_runs.start_train(
             ray_cluster, *SLOW_OMNIGLOT, f"task.data={url}", f"resources.start_timeout_s={start_timeout}",
             "resources.max_worker_failures=0", f"checkpoint.dir={tmp_path}",
@@ -218,7 +198,7 @@ def test_data_that_never_loads_is_one_data_error_after_data_timeout_s(ray_cluste
     served.mkdir()
     for part in ("background", "evaluation"):
         (served / f"images_{part}.zip").write_bytes(b"\0" * 100_000)
-    with paced_http_server(served, seconds_per_file=None) as (url, _):
+    with file_server(served, half_then_nothing) as url:
         proc = driver_runs.start_train(
             ray_cluster, *SLOW_OMNIGLOT, f"task.data={url}", "resources.data_timeout_s=3",
             f"checkpoint.dir={tmp_path / 'c'}",
