@@ -1,6 +1,7 @@
 """ResNet-12 cost per task on one CPU thread (an actor's), without Ray: tasks/s and peak memory.
 
     python -m benchmarks.resnet12 [--seconds 30] [--size 84] [--width 64] [--settings maml fomaml anil protonet]
+                                  [--recompute] [--precision fp32|bf16]
 
 5-way 1-shot tasks with 15 queries per class of random RGB pixels (the cost does not depend on them),
 one task at a time as an actor computes a chunk. Each setting runs in a fresh process, so its peak
@@ -44,14 +45,14 @@ def random_task(g: torch.Generator, size: int, ways: int = 5, shots: int = 1, qu
     return Task(x[support], y[support], x[queries], y[queries])
 
 
-def measure(name: str, size: int, width: int, seconds: float) -> dict:
+def measure(name: str, size: int, width: int, seconds: float, recompute: bool, precision: str) -> dict:
     """One setting in this process: warm-up task, then tasks until `seconds` have passed."""
     torch.set_num_threads(1)
     algorithm, _ = SETTINGS[name]
     config = RunConfig.model_validate(
         {
             "task": {"kind": "folder", "ways": 5, "shots": 1, "query": 15, "image_size": size, "channels": 3},
-            "model": {"kind": "resnet12", "width": width},
+            "model": {"kind": "resnet12", "width": width, "recompute": recompute, "precision": precision},
             "algorithm": algorithm,
             "optim": {"inner_lr": 0.01, "inner_steps": 1},
         }
@@ -76,14 +77,17 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=84)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--recompute", action="store_true", help="model.recompute: activation checkpointing")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="model.precision")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # the child process: measure one setting
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one, args.size, args.width, args.seconds)))
+        print(json.dumps(measure(args.one, args.size, args.width, args.seconds, args.recompute, args.precision)))
         return 0
     for name in args.settings:
         child = [sys.executable, "-m", "benchmarks.resnet12", "--one", name]
         child += ["--seconds", str(args.seconds), "--size", str(args.size), "--width", str(args.width)]
+        child += ["--precision", args.precision] + (["--recompute"] if args.recompute else [])
         row = json.loads(subprocess.run(child, check=True, capture_output=True, text=True).stdout)
         print(
             f"{name:9s} {row['tasks_per_s']:.3f} tasks/s ({row['tasks']} tasks)  peak {row['peak_mib']:.0f} MiB",

@@ -304,6 +304,8 @@ def vectorized(config: RunConfig, device: torch.device | str) -> bool:
     choice = config.resources.vectorize
     if choice != "auto":
         return choice == "vmap"
+    if config.model.recompute:  # torch.func's transforms do not take checkpointing's saved-tensor hooks
+        return False
     batches_well = torch.device(device).type == "cuda" or config.model.kind == "mlp"
     return batches_well and config.algorithm in VECTORIZABLE
 

@@ -100,6 +100,21 @@ class ModelConfig(_Section):
             "protocol) or support (of the task's support set, so each query is predicted on its own)"
         ),
     )
+    recompute: bool = Field(
+        False,
+        description=(
+            "activation checkpointing: keep only each block's input and recompute the block in the backward "
+            "passes (inner and outer, second order included): less memory for deep backbones, more compute; "
+            "the same bits"
+        ),
+    )
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description=(
+            "the body's arithmetic: fp32, or bf16 mixed precision (autocast: convolutions and matrix products "
+            "in bfloat16, parameters, gradients and the head in float32); bf16 is for GPUs with bfloat16 units"
+        ),
+    )
 
 
 def _chunk_size(value: Any) -> int | str:
@@ -385,6 +400,11 @@ def check(config: RunConfig) -> list[str]:
         problems.append(
             f"resources.vectorize = 'vmap': not available for algorithm {config.algorithm!r} "
             f"(only {', '.join(VECTORIZABLE)}); use 'auto' or 'loop'"
+        )
+    if r.vectorize == "vmap" and config.model.recompute:
+        problems.append(
+            "resources.vectorize = 'vmap': not with model.recompute (torch.func's vmap does not take "
+            "activation checkpointing); use 'auto' or 'loop'"
         )
     if 0 < r.gpus_per_worker < RAY_RESOURCE_UNIT:
         problems.append(
