@@ -24,4 +24,11 @@ runpy.run_module('benchmarks.adaptation', run_name='__main__')" --device cuda "$
   for chunk in 8 32; do
     harness --settings maml-1,maml-5 --rounds 3 --json "$out/adaptation-chunk$chunk.json" "optim.chunk=$chunk"
   done
+  # ResNet-12 at 84x84, 5-way 1-shot, 15 queries: tasks/s and peak memory per task, plain, with
+  # recomputed blocks (model.recompute) and in bf16 (model.precision).
+  resnet12() { python3 -c "import metaplatform_hook, runpy; runpy.run_module('benchmarks.resnet12', run_name='__main__', alter_sys=True)" --device cuda --seconds 20 "$@"; }
+  resnet12 --json "$out/resnet12.json"
+  resnet12 --recompute --json "$out/resnet12-recompute.json"
+  resnet12 --precision bf16 --json "$out/resnet12-bf16.json"
+  resnet12 --precision bf16 --recompute --json "$out/resnet12-bf16-recompute.json"
 } 2>&1 | tee "$out/log.txt"

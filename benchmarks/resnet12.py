@@ -17,12 +17,17 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import astuple
 
 import torch
 
 from platform.algorithms import build
 from platform.config import RunConfig
+from platform.files import atomic_write
 from platform.tasks import Task
+
+# A fresh interpreter per setting, started through the start-up hook (a node without our wheel has no .pth).
+CHILD = "import metaplatform_hook, runpy; runpy.run_module('benchmarks.resnet12', run_name='__main__', alter_sys=True)"
 
 SETTINGS = {  # name -> (algorithm, first order)
     "maml": ("maml", False),
@@ -45,8 +50,10 @@ def random_task(g: torch.Generator, size: int, ways: int = 5, shots: int = 1, qu
     return Task(x[support], y[support], x[queries], y[queries])
 
 
-def measure(name: str, size: int, width: int, seconds: float, recompute: bool, precision: str) -> dict:
-    """One setting in this process: warm-up task, then tasks until `seconds` have passed."""
+def measure(name: str, size: int, width: int, seconds: float, recompute: bool, precision: str, device: str) -> dict:
+    """One setting in this process: warm-up task, then tasks until `seconds` have passed. Peak memory:
+    on CPU the resident set's high-water mark over the RSS before the first task; on a GPU torch's
+    peak allocation over what the model and tasks hold."""
     torch.set_num_threads(1)
     algorithm, _ = SETTINGS[name]
     config = RunConfig.model_validate(
@@ -57,17 +64,22 @@ def measure(name: str, size: int, width: int, seconds: float, recompute: bool, p
             "optim": {"inner_lr": 0.01, "inner_steps": 1},
         }
     )
-    _, algo, params = build(config)
+    model, algo, params = build(config, device)
+    model.to(device)
+    params = {k: v.to(device) for k, v in params.items()}
     g = torch.Generator().manual_seed(0)
-    tasks = [random_task(g, size) for _ in range(2)]
-    before = rss_kib()
+    tasks = [Task(*(t.to(device) for t in astuple(random_task(g, size)))) for _ in range(2)]
+    gpu = torch.device(device).type == "cuda"
+    before = torch.cuda.memory_allocated(device) / 1024 if gpu else rss_kib()
     algo.outer_grad(params, [tasks[0]])  # warm-up
     count, start = 0, time.perf_counter()
     while count == 0 or time.perf_counter() - start < seconds:
         algo.outer_grad(params, [tasks[count % 2]])
         count += 1
+    if gpu:
+        torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = torch.cuda.max_memory_allocated(device) / 1024 if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"setting": name, "tasks": count, "tasks_per_s": count / elapsed, "peak_mib": (peak - before) / 1024}
 
 
@@ -79,20 +91,28 @@ def main() -> int:
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--recompute", action="store_true", help="model.recompute: activation checkpointing")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="model.precision")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # the child process: measure one setting
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one, args.size, args.width, args.seconds, args.recompute, args.precision)))
+        row = measure(args.one, args.size, args.width, args.seconds, args.recompute, args.precision, args.device)
+        print(json.dumps(row))
         return 0
+    rows = []
     for name in args.settings:
-        child = [sys.executable, "-m", "benchmarks.resnet12", "--one", name]
+        child = [sys.executable, "-c", CHILD, "--one", name]
         child += ["--seconds", str(args.seconds), "--size", str(args.size), "--width", str(args.width)]
-        child += ["--precision", args.precision] + (["--recompute"] if args.recompute else [])
+        child += ["--precision", args.precision, "--device", args.device] + (["--recompute"] if args.recompute else [])
         row = json.loads(subprocess.run(child, check=True, capture_output=True, text=True).stdout)
         print(
             f"{name:9s} {row['tasks_per_s']:.3f} tasks/s ({row['tasks']} tasks)  peak {row['peak_mib']:.0f} MiB",
             flush=True,
         )
+        rows.append(row | {"size": args.size, "width": args.width, "recompute": args.recompute})
+        rows[-1] |= {"precision": args.precision, "device": args.device}
+    if args.json:
+        atomic_write(args.json, json.dumps(rows, indent=1))
     return 0
 
 

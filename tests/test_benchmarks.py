@@ -127,3 +127,18 @@ def test_tiny_adaptation_harness_runs_without_ray(tmp_path):
     # GPU nodes here have torch but no Ray: the harness must not need it.
     probe = "import sys, benchmarks.adaptation; sys.exit('ray' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", probe], cwd=REPO, check=False, timeout=120).returncode == 0
+
+
+def test_tiny_resnet12_harness_runs_with_the_memory_options(tmp_path):
+    """benchmarks.resnet12 (also on a lent GPU, benchmarks/gpu.sh): each setting in a fresh process,
+    with recomputed blocks; a row per setting with its options."""
+    out_json = tmp_path / "resnet12.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.resnet12", "--seconds", "0", "--size", "16", "--width", "2",
+         "--settings", "maml", "protonet", "--recompute", "--json", str(out_json)],
+        check=False, cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out_json.read_text())
+    assert [r["setting"] for r in rows] == ["maml", "protonet"]
+    assert all(r["recompute"] and r["tasks"] >= 1 and r["tasks_per_s"] > 0 and r["peak_mib"] > 0 for r in rows)
