@@ -954,12 +954,15 @@ def test_bf16_keeps_parameters_and_outputs_in_float32_and_the_meta_gradient_clos
     task = Task(x[:5], y[:5], x[5:], y[5:])
     torch.manual_seed(0)
     model = Conv4(1, 32, None if name == "protonet" else 5)
-    fp32 = PrototypicalNetwork(model) if name == "protonet" else maml(model, 0.01, 1, first_order=True, classification=True)
-    params = fp32.init_params()
-    expected, _ = fp32.outer_grad(params, [task])
+    if name == "protonet":
+        algo = PrototypicalNetwork(model)
+    else:
+        algo = maml(model, 0.01, 1, first_order=True, classification=True)
+    params = algo.init_params()
+    expected, _ = algo.outer_grad(params, [task])
     model.body.autocast_dtype = torch.bfloat16
     assert functional_call(model, params, (task.query_x,)).dtype == torch.float32
-    grads, _ = fp32.outer_grad(params, [task])
+    grads, _ = algo.outer_grad(params, [task])
     assert all(g.dtype == torch.float32 for g in grads.values())
     flat = lambda g: torch.cat([v.flatten() for v in g.values()])
     assert F.cosine_similarity(flat(grads), flat(expected), 0) > 0.9
