@@ -5,6 +5,7 @@ the float64 truth that float32 meta-gradients are measured against."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -150,7 +151,7 @@ def flops_per_task(config: RunConfig) -> float:
 
 
 def in_float64(task: Task) -> Task:
-    return Task(task.support_x.double(), task.support_y, task.query_x.double(), task.query_y)
+    return dataclasses.replace(task, support_x=task.support_x.double(), query_x=task.query_x.double())
 
 
 class Float64Truth:

@@ -17,7 +17,6 @@ import resource
 import subprocess
 import sys
 import time
-from dataclasses import astuple
 
 import torch
 
@@ -68,7 +67,7 @@ def measure(name: str, size: int, width: int, seconds: float, recompute: bool, p
     model.to(device)
     params = {k: v.to(device) for k, v in params.items()}
     g = torch.Generator().manual_seed(0)
-    tasks = [Task(*(t.to(device) for t in astuple(random_task(g, size)))) for _ in range(2)]
+    tasks = [random_task(g, size).to(device) for _ in range(2)]
     gpu = torch.device(device).type == "cuda"
     before = torch.cuda.memory_allocated(device) / 1024 if gpu else rss_kib()
     algo.outer_grad(params, [tasks[0]])  # warm-up

@@ -28,7 +28,7 @@ from torch import nn
 from torch.func import functional_call
 
 from platform.config import VECTORIZABLE, RunConfig
-from platform.models import build_model
+from platform.models import build_model, drawing_masks
 from platform.tasks import Task
 
 Params = dict[str, torch.Tensor]
@@ -60,13 +60,15 @@ def _leaves(params: Params) -> Params:
     return {k: v.detach().requires_grad_() for k, v in params.items()}
 
 
-def _sum_over_tasks(params: Params, tasks: list[Task], task_grad) -> tuple[Params, Metrics]:
-    """Sum `task_grad(leaves, task) -> (grads, loss, accuracy)` over tasks, in order."""
+def _sum_over_tasks(model: nn.Module, params: Params, tasks: list[Task], task_grad) -> tuple[Params, Metrics]:
+    """Sum `task_grad(leaves, task) -> (grads, loss, accuracy)` over tasks, in order, each with the
+    model's training-time masks (if any) drawn from the task's seed."""
     params = _leaves(params)
     total = {k: torch.zeros_like(v) for k, v in params.items()}
     loss_sum = acc_sum = 0.0
     for task in tasks:
-        grads, loss, acc = task_grad(params, task)
+        with drawing_masks(model, task):
+            grads, loss, acc = task_grad(params, task)
         for k, g in grads.items():
             if g is not None:  # a Meta-SGD rate of an unused parameter
                 total[k] += g
@@ -168,7 +170,7 @@ class GradientMetaLearner:
             grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
             return dict(zip(params, grads)), loss, acc
 
-        return _sum_over_tasks(params, tasks, task_grad)
+        return _sum_over_tasks(self.model, params, tasks, task_grad)
 
     def _functional_query_loss(self, params: Params, support_x, support_y, query_x, query_y):
         """query_loss for one task written with torch.func transforms, so that vmap can batch it."""
@@ -237,7 +239,7 @@ class Reptile(GradientMetaLearner):
             loss, acc = _score(self._predict(fast, x), y, self.classification)
             return {k: (params[k] - fast[k]).detach() for k in params}, loss, acc
 
-        return _sum_over_tasks(params, tasks, task_grad)
+        return _sum_over_tasks(self.model, params, tasks, task_grad)
 
 
 @dataclass(frozen=True, eq=False)
@@ -288,7 +290,7 @@ class PrototypicalNetwork:
             loss, acc = _score(self.logits(params, task), task.query_y, True)
             return dict(zip(params, torch.autograd.grad(loss, list(params.values())))), loss, acc
 
-        return _sum_over_tasks(params, tasks, task_grad)
+        return _sum_over_tasks(self.model, params, tasks, task_grad)
 
     def evaluate(self, params: Params, task: Task, steps: int) -> Metrics:
         with torch.no_grad():
@@ -304,7 +306,7 @@ def vectorized(config: RunConfig, device: torch.device | str) -> bool:
     choice = config.resources.vectorize
     if choice != "auto":
         return choice == "vmap"
-    if config.model.recompute:  # torch.func's transforms do not take checkpointing's saved-tensor hooks
+    if config.model.recompute or config.model.dropblock:  # checkpointing's saved-tensor hooks; masks per task
         return False
     batches_well = torch.device(device).type == "cuda" or config.model.kind == "mlp"
     return batches_well and config.algorithm in VECTORIZABLE

@@ -100,6 +100,16 @@ class ModelConfig(_Section):
             "protocol) or support (of the task's support set, so each query is predicted on its own)"
         ),
     )
+    dropblock: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description=(
+            "resnet12's training-time regularisation as MetaOptNet's: dropout with this rate after stages 1-2, "
+            "DropBlock (5x5 blocks) after stages 3-4; 0: off (MetaOptNet and RFS use 0.1). Masks are drawn per "
+            "task from its seed, so a run stays bitwise the same on any number of workers; never at test time"
+        ),
+    )
     recompute: bool = Field(
         False,
         description=(
@@ -401,6 +411,10 @@ def check(config: RunConfig) -> list[str]:
             f"resources.vectorize = 'vmap': not available for algorithm {config.algorithm!r} "
             f"(only {', '.join(VECTORIZABLE)}); use 'auto' or 'loop'"
         )
+    if config.model.dropblock and config.model.kind != "resnet12":
+        problems.append(f"model.dropblock = {config.model.dropblock}: only for model.kind 'resnet12'")
+    if r.vectorize == "vmap" and config.model.dropblock:
+        problems.append("resources.vectorize = 'vmap': not with model.dropblock (masks per task); use 'auto' or 'loop'")
     if r.vectorize == "vmap" and config.model.recompute:
         problems.append(
             "resources.vectorize = 'vmap': not with model.recompute (torch.func's vmap does not take "

@@ -13,6 +13,10 @@ set's statistics alone and so does not depend on the other queries (`model.bn_st
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,6 +24,11 @@ from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 from platform.config import RunConfig
+
+if TYPE_CHECKING:
+    from platform.tasks import Task
+
+DROPBLOCK_SIZE = 5  # MetaOptNet's and RFS's block, in the 10x10 and 5x5 maps of stages 3-4 at 84x84
 
 
 class Body(nn.Sequential):
@@ -185,8 +194,9 @@ class ResidualBlock(nn.Module):
     1x1 conv-BN shortcut, then LeakyReLU and a 2x2 max-pool. Convolutions have no bias (BN follows).
     `stats_rows` goes to every BatchNorm."""
 
-    def __init__(self, in_channels: int, width: int):
+    def __init__(self, in_channels: int, width: int, drop_rate: float = 0.0, drop_blocks: bool = False):
         super().__init__()
+        self.drop_rate, self.drop_blocks = drop_rate, drop_blocks
         self.convs = nn.ModuleList(nn.Conv2d(c, width, 3, padding=1, bias=False) for c in (in_channels, width, width))
         self.norms = nn.ModuleList(BatchNorm(width) for _ in range(3))
         self.shortcut = nn.Conv2d(in_channels, width, 1, bias=False)
@@ -198,17 +208,57 @@ class ResidualBlock(nn.Module):
             out = norm(conv(out), stats_rows)
             out = F.leaky_relu(out, 0.1) if i < 2 else out
         out = out + self.shortcut_norm(self.shortcut(x), stats_rows)
-        return F.max_pool2d(F.leaky_relu(out, 0.1), 2)
+        out = F.max_pool2d(F.leaky_relu(out, 0.1), 2)
+        if not (self.training and self.drop_rate):
+            return out
+        return drop_block(out, self.drop_rate) if self.drop_blocks else F.dropout(out, self.drop_rate)
+
+
+def drop_block(x: torch.Tensor, rate: float, size: int = DROPBLOCK_SIZE) -> torch.Tensor:
+    """DropBlock (Ghiasi et al. 2018) as MetaOptNet has it: block centres drawn where a whole block fits,
+    with the rate scaled so that about `rate` of the map is dropped, each centre zeroing a size x size
+    block; the rest scaled up by the dropped fraction of the batch. Draws from torch's RNG."""
+    _, _, height, width = x.shape
+    size = min(size, height, width)
+    fits = (height - size + 1) * (width - size + 1)
+    gamma = rate / size**2 * height * width / fits
+    centres = torch.rand(*x.shape[:2], height - size + 1, width - size + 1, device=x.device) < gamma
+    dropped = F.max_pool2d(F.pad(centres.to(x.dtype), [size - 1] * 4), size, stride=1)
+    keep = 1 - dropped
+    return x * keep * (keep.numel() / keep.sum().clamp(min=1))
+
+
+@contextlib.contextmanager
+def drawing_masks(model: nn.Module, task: Task) -> Iterator[None]:
+    """One training task's forward and backward passes with the model's training-time masks (dropout,
+    DropBlock; none: nothing changes), drawn from torch's RNG seeded by the task's seed, so a task's
+    masks are a function of the task like its images: the same on any worker. Outside, the model is
+    in eval mode (build_model), without masks: meta-test, adaptation and serving are deterministic."""
+    if not getattr(model, "drop_rate", 0.0):
+        yield
+        return
+    if task.seed is None:
+        raise ValueError("model.dropblock draws a task's masks from its seed: this task has none")
+    device = task.support_x.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(task.seed)
+        model.train()
+        try:
+            yield
+        finally:
+            model.eval()
 
 
 class ResNet12(nn.Module):
     """ResNet-12 (MetaOptNet, RFS): 4 residual stages of `resnet12_widths(width)` channels, each halving the
     image, then the average over the remaining map (5x5 at 84x84): 10 x width features at any input size."""
 
-    def __init__(self, in_channels: int, width: int, out_features: int | None, pixels=None):
+    def __init__(self, in_channels: int, width: int, out_features: int | None, pixels=None, drop_rate: float = 0.0):
         super().__init__()
+        self.drop_rate = drop_rate
         widths = resnet12_widths(width)
-        stages = [ResidualBlock(c, w) for c, w in zip((in_channels, *widths[:-1]), widths)]
+        ins = (in_channels, *widths[:-1])
+        stages = [ResidualBlock(c, w, drop_rate, drop_blocks=i >= 2) for i, (c, w) in enumerate(zip(ins, widths))]
         self.body = Body(*stages, nn.AdaptiveAvgPool2d(1), nn.Flatten(), pixels=pixels)
         self.head = nn.Linear(widths[-1], out_features) if out_features else None
 
@@ -231,9 +281,9 @@ def build_model(config: RunConfig) -> nn.Module:
         if m.kind == "mlp":
             model = MLP(channels * size * size, m.width, out, pixels)
         elif m.kind == "resnet12":
-            model = ResNet12(channels, m.width, out, pixels)
+            model = ResNet12(channels, m.width, out, pixels, m.dropblock)
         else:
             model = Conv4(channels, m.width, out, size, pixels)
     model.body.recompute = m.recompute
     model.body.autocast_dtype = torch.bfloat16 if m.precision == "bf16" else None
-    return model
+    return model.eval()  # training-time masks only inside drawing_masks

@@ -26,9 +26,13 @@ class Task:
     support_y: torch.Tensor
     query_x: torch.Tensor
     query_y: torch.Tensor
+    seed: int | None = (
+        None  # the task seed it was sampled from: what training-time masks are drawn from (model.dropblock)
+    )
 
     def to(self, device) -> Task:
-        return Task(*(t.to(device) for t in (self.support_x, self.support_y, self.query_x, self.query_y)))
+        tensors = (self.support_x, self.support_y, self.query_x, self.query_y)
+        return Task(*(t.to(device) for t in tensors), seed=self.seed)
 
 
 def model_input(images: np.ndarray) -> torch.Tensor:
@@ -122,6 +126,7 @@ class ImageClassificationTasks:
             y[:, :s].reshape(-1),
             x[:, s:].reshape(-1, *x.shape[2:]),
             y[:, s:].reshape(-1),
+            seed=seed,
         )
 
 

@@ -25,7 +25,7 @@ from platform.algorithms import (
 )
 from platform.chunks import chunked
 from platform.config import RunConfig, load_config
-from platform.models import MLP, BatchNorm, Conv4, ResNet12
+from platform.models import MLP, BatchNorm, Conv4, ResNet12, drop_block
 from platform.tasks import Task
 
 TIGHT = {"rtol": 1e-9, "atol": 1e-12}
@@ -564,7 +564,7 @@ def test_evaluate_classification_accuracy_is_a_fraction(kind):
     )
     params = algo.init_params()
     task = image_task(30, ways=3, shots=2, query=4, size=28)
-    task = Task(*(t.float() if t.is_floating_point() else t for t in vars(task).values()))
+    task = dataclasses.replace(task, support_x=task.support_x.float(), query_x=task.query_x.float())
     m = algo.evaluate(params, task, steps=5)
     assert set(m) == {"loss_before", "accuracy_before", "loss", "accuracy"}
     for key in ("accuracy_before", "accuracy"):
@@ -654,7 +654,7 @@ def test_conv4_float32_meta_gradient_is_accurate():
     learner = GradientMetaLearner(model, inner_lr=0.4, inner_steps=1, first_order=False, classification=True)
     grads = learner.outer_grad(params, [task])[0]
     truth = paper_meta_gradient(
-        double(params), Task(*(v.double() if v.is_floating_point() else v for v in vars(task).values()))
+        double(params), dataclasses.replace(task, support_x=task.support_x.double(), query_x=task.query_x.double())
     )
     for k in truth:
         if k.endswith(".0.bias") and k.startswith("body."):
@@ -870,17 +870,19 @@ def test_every_algorithms_meta_gradient_on_a_tiny_resnet12_matches_the_unrolled_
             assert dot(grads, d) == pytest.approx(directional_fd(objective, params, d, eps=1e-8), rel=1e-6, abs=1e-8)
 
 
-def test_a_resnet12_chunks_gradient_does_not_depend_on_the_worker_or_what_it_computed_before(cifar10_source):
+@pytest.mark.parametrize("dropblock", [0.0, 0.3], ids=["plain", "dropblock"])
+def test_a_resnet12_chunks_gradient_does_not_depend_on_the_worker_or_what_it_computed_before(cifar10_source, dropblock):
     """What makes runs bitwise the same for 1 or 2 actors: each chunk's row is a function of its seeds
     alone. One worker computing all 4 chunks, two fresh workers 2 each, and the first worker again in
-    reverse order give identical rows (real RGB photographs through the task pipeline)."""
+    reverse order give identical rows (real RGB photographs through the task pipeline), with
+    model.dropblock's masks too (drawn from each task's seed)."""
     from platform import engine
     from platform.tasks import iteration_seeds
 
     overrides = ["task.kind=folder", f"task.data={cifar10_source}", "task.channels=3", "task.image_size=16"]
     overrides += ["task.ways=2", "task.shots=1", "task.query=2", "task.flip=true", "task.crop_padding=2"]
     overrides += ["model.kind=resnet12", "model.width=2", "optim.meta_batch=4", "optim.chunk=1"]
-    config = load_config(None, overrides).model_dump(mode="json")
+    config = load_config(None, [*overrides, f"model.dropblock={dropblock}"]).model_dump(mode="json")
     threads = torch.get_num_threads()
     try:
         workers = [engine.AdaptationWorker(config) for _ in range(3)]
@@ -912,7 +914,7 @@ def test_recomputed_blocks_give_the_same_bits_and_keep_only_block_inputs(name):
     order included, from its explicitly passed (adapted) weights: bitwise the same outer gradient in
     float32, with a fraction of the forward's saved tensors."""
     task = image_task(41, ways=2, shots=2, query=3, size=16, channels=3)
-    task = Task(*(t.float() if t.is_floating_point() else t for t in dataclasses.astuple(task)))
+    task = dataclasses.replace(task, support_x=task.support_x.float(), query_x=task.query_x.float())
     plain = resnet12_learner(name)
     params = plain.init_params()
     recomputing = with_body_options(resnet12_learner(name), recompute=True)
@@ -967,3 +969,49 @@ def test_bf16_keeps_parameters_and_outputs_in_float32_and_the_meta_gradient_clos
     flat = lambda g: torch.cat([v.flatten() for v in g.values()])
     assert F.cosine_similarity(flat(grads), flat(expected), 0) > 0.9
     assert not torch.equal(flat(grads), flat(expected))  # bf16 arithmetic did happen
+
+
+def test_dropblock_drops_blocks_at_about_its_rate_and_keeps_the_mean():
+    torch.manual_seed(0)
+    out = drop_block(torch.ones(64, 32, 10, 10), 0.1)
+    dropped = out == 0
+    assert 0.07 < dropped.float().mean() < 0.13 and out.mean().item() == pytest.approx(1.0)
+    # Every dropped pixel lies in a wholly dropped 5x5 block: the opening (erosion, then dilation) of
+    # the dropped map by a 5x5 square covers it.
+    eroded = -F.max_pool2d(-dropped.float(), 5, stride=1)
+    opened = F.max_pool2d(F.pad(eroded, [4] * 4), 5, stride=1)
+    assert opened.shape == dropped.shape and bool((opened.bool() | ~dropped).all())
+
+
+def test_dropblock_masks_come_from_the_task_seed_in_training_only():
+    """model.dropblock changes the outer gradient (masks drawn from the task's seed: the same seed,
+    the same gradient; another seed, another), and nothing at meta-test or adaptation."""
+    cfg = lambda rate: RunConfig.model_validate({
+        "task": {"kind": "folder", "ways": 2, "shots": 1, "query": 2, "image_size": 16, "channels": 3},
+        "model": {"kind": "resnet12", "width": 2, "dropblock": rate}, "algorithm": "maml",
+    })  # fmt: skip
+    _, plain, params = build(cfg(0.0))
+    _, dropping, _ = build(cfg(0.5))
+    task = image_task(44, ways=2, shots=1, query=2, size=16, channels=3)
+    task = dataclasses.replace(task, support_x=task.support_x.float(), query_x=task.query_x.float())
+    seeded = lambda seed: dataclasses.replace(task, seed=seed)
+    flat = lambda g: torch.cat([v.flatten() for v in g[0].values()])
+    reference = flat(plain.outer_grad(params, [seeded(1)]))
+    masked = flat(dropping.outer_grad(params, [seeded(1)]))
+    assert not torch.equal(masked, reference)
+    assert torch.equal(flat(dropping.outer_grad(params, [seeded(1)])), masked)
+    assert not torch.equal(flat(dropping.outer_grad(params, [seeded(2)])), masked)
+    assert dropping.evaluate(params, seeded(1), 2) == plain.evaluate(params, seeded(1), 2)
+    adapted = dropping.adapt_to(params, task.support_x, task.support_y, 2)
+    assert torch.equal(dropping.query_outputs(adapted, task.support_x, task.query_x),
+                       plain.query_outputs(plain.adapt_to(params, task.support_x, task.support_y, 2),
+                                           task.support_x, task.query_x))  # fmt: skip
+    with pytest.raises(ValueError, match="from its seed: this task has none"):
+        dropping.outer_grad(params, [task])
+
+
+def test_dropblock_is_a_resnet12_option_and_not_vectorised():
+    with pytest.raises(Exception, match="model.dropblock = 0.1: only for model.kind 'resnet12'"):
+        load_config(None, ["model.dropblock=0.1"])
+    config = RunConfig.model_validate({"task": {"kind": "folder"}, "model": {"kind": "resnet12", "dropblock": 0.1}})
+    assert not vectorized(config, "cuda")

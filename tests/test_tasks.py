@@ -23,13 +23,18 @@ OMNIGLOT = TaskConfig(kind="omniglot", ways=5, shots=1, query=3)  # data: $METAP
 
 def task_hash(task: tasks.Task) -> str:
     h = hashlib.sha256()
-    for t in (task.support_x, task.support_y, task.query_x, task.query_y):
+    for t in tensors(task):
         h.update(f"{t.dtype}{tuple(t.shape)}".encode() + t.contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
+def tensors(task: tasks.Task) -> tuple[torch.Tensor, ...]:
+    return task.support_x, task.support_y, task.query_x, task.query_y
+
+
 def assert_same_task(a: tasks.Task, b: tasks.Task) -> None:
-    for x, y in zip(vars(a).values(), vars(b).values()):
+    assert a.seed == b.seed
+    for x, y in zip(tensors(a), tensors(b)):
         assert x.dtype == y.dtype and torch.equal(x, y)
 
 
@@ -89,7 +94,7 @@ def test_sinusoid_shapes_and_ranges():
         t = sampler.sample(seed)
         assert t.support_x.shape == t.support_y.shape == (10, 1)
         assert t.query_x.shape == t.query_y.shape == (15, 1)
-        assert all(x.dtype == torch.float32 for x in vars(t).values())
+        assert all(x.dtype == torch.float32 for x in tensors(t))
         x, y = torch.cat([t.support_x, t.query_x]).double(), torch.cat([t.support_y, t.query_y]).double()
         assert x.abs().max() <= 5 and y.abs().max() <= 5
         # y = A sin(x - phi) = (A cos phi) sin x - (A sin phi) cos x: support and query share A and phi.
