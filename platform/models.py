@@ -104,8 +104,8 @@ class BatchNorm(nn.BatchNorm2d):
         super().__init__(width, track_running_stats=False)
 
     def forward(self, x: torch.Tensor, stats_rows: int | None = None) -> torch.Tensor:
-        # Under bf16 autocast (model.precision) the statistics in float32 (CPU autocast would keep them
-        # in bfloat16: the meta-gradients' cosine to float32's fell to 0.77 on ResNet-12).
+        # Under bf16 autocast (model.precision) the statistics in float32, as GPU kernels compute them
+        # (CPU autocast would compute them in bfloat16).
         x = (x.float() if x.dtype == torch.bfloat16 else x).contiguous()
         if stats_rows is None:
             return super().forward(x)
@@ -217,7 +217,8 @@ class ResidualBlock(nn.Module):
 def drop_block(x: torch.Tensor, rate: float, size: int = DROPBLOCK_SIZE) -> torch.Tensor:
     """DropBlock (Ghiasi et al. 2018) as MetaOptNet has it: block centres drawn where a whole block fits,
     with the rate scaled so that about `rate` of the map is dropped, each centre zeroing a size x size
-    block; the rest scaled up by the dropped fraction of the batch. Draws from torch's RNG."""
+    block; what is kept is scaled by (all / kept) over the batch, so the mean is unchanged. Draws from
+    torch's RNG."""
     _, _, height, width = x.shape
     size = min(size, height, width)
     fits = (height - size + 1) * (width - size + 1)

@@ -26,9 +26,8 @@ class Task:
     support_y: torch.Tensor
     query_x: torch.Tensor
     query_y: torch.Tensor
-    seed: int | None = (
-        None  # the task seed it was sampled from: what training-time masks are drawn from (model.dropblock)
-    )
+    # The task seed it was sampled from: what its training-time masks are drawn from (model.dropblock).
+    seed: int | None = None
 
     def to(self, device) -> Task:
         tensors = (self.support_x, self.support_y, self.query_x, self.query_y)
