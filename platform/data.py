@@ -41,8 +41,8 @@ OMNIGLOT_SETS = ("background", "evaluation")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 # (where the image comes from, for messages; a function that reads its bytes)
-_Item = tuple[str, Callable[[], bytes]]
-_Classes = list[tuple[str, list[_Item]]]
+Item = tuple[str, Callable[[], bytes | np.ndarray]]  # an image file's bytes, or pixels (images.ImageFormat.decode)
+Classes = list[tuple[str, list[Item]]]
 
 
 # eq=False: the generated == and hash would compare and hash numpy arrays, which does not work.
@@ -94,10 +94,10 @@ def load_omniglot(source: str | None = None, image_format: ImageFormat = OMNIGLO
     files = {part: _omniglot_files(part, path) for part, path in paths.items()}
     with contextlib.ExitStack() as open_zips:  # the zips stay open while the images are decoded
 
-        def classes() -> _Classes:
+        def classes() -> Classes:
             return [c for part in OMNIGLOT_SETS for c in _omniglot_classes(part, paths[part], files[part], open_zips)]
 
-        return _cached("omniglot", image_format, [f for part in OMNIGLOT_SETS for f in files[part]], classes)
+        return cached_classes("omniglot", image_format, [f for part in OMNIGLOT_SETS for f in files[part]], classes)
 
 
 def check_omniglot_source(source: str) -> None:
@@ -155,7 +155,7 @@ def load_image_folder(root: str | Path, image_format: ImageFormat = OMNIGLOT_FOR
     listing = list_image_folder(root)
     key_files = [(f"{name}/{p.name}", p) for name, files in listing for p in files]
     classes = [(name, [(str(p), p.read_bytes) for p in files]) for name, files in listing]
-    return _cached("folder", image_format, key_files, lambda: classes)
+    return cached_classes("folder", image_format, key_files, lambda: classes)
 
 
 def is_image(name: str) -> bool:
@@ -330,7 +330,7 @@ def _omniglot_files(part: str, path: Path) -> list[tuple[str, Path]]:
     return sorted((f"{top}/{p.relative_to(path).as_posix()}", p) for p in path.glob("*/*/*"))
 
 
-def _omniglot_classes(part: str, path: Path, files: list[tuple[str, Path]], stack: contextlib.ExitStack) -> _Classes:
+def _omniglot_classes(part: str, path: Path, files: list[tuple[str, Path]], stack: contextlib.ExitStack) -> Classes:
     """The classes of one set, from its zip or from the `files` of its extracted folder."""
     top = f"images_{part}"
     if path.is_file():
@@ -354,8 +354,8 @@ def _omniglot_classes(part: str, path: Path, files: list[tuple[str, Path]], stac
     return [(f"{part}/{a}/{c}", items) for (a, c), items in sorted(groups.items())]
 
 
-def _cached(
-    kind: str, image_format: ImageFormat, key_files: list[tuple[str, Path]], classes: Callable[[], _Classes]
+def cached_classes(
+    kind: str, image_format: ImageFormat, key_files: list[tuple[str, Path]], classes: Callable[[], Classes]
 ) -> ImageClasses:
     """Loads the cache entry for the content of `key_files` in `image_format`, first building it from
     `classes()` if no process has yet (listing the classes is left until then: it is slow for big zips)."""
@@ -389,7 +389,7 @@ def _cached(
     )
 
 
-def _build_entry(entry: Path, classes: _Classes, image_format: ImageFormat) -> None:
+def _build_entry(entry: Path, classes: Classes, image_format: ImageFormat) -> None:
     """Decodes all images, then publishes them as `entry/` with one atomic rename."""
     # We hold the lock, so temp folders of this entry are left over from builders that crashed.
     for stale in entry.parent.glob(f".tmp-{entry.name}-*"):
