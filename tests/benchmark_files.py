@@ -8,6 +8,7 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,3 +99,26 @@ def cub(root: Path, classes: int = 8, per_class: int = 3) -> Path:
     (base / "classes.txt").write_text("".join(f"{c + 1} {name}\n" for c, name in enumerate(names)))
     (base / "images.txt").write_text("\n".join(image_lines) + "\n")
     return root
+
+
+# The presets name no data (it is the user's): the folder presets run on the shared CIFAR-10 photographs, the
+# benchmark ones on stand-ins with enough classes and images for their tasks.
+FOLDER_DATA = f"task.data={REPO.parent / 'shared' / 'data' / 'cifar10'}"
+STAND_INS = {
+    "miniimagenet": lambda root: miniimagenet_csv(root, classes=15, per_class=20),
+    "cifarfs": lambda root: cifar100(root, per_class=(15, 5)),
+    "cub": lambda root: cub(root, classes=20, per_class=21),
+}
+
+
+def stand_ins(root: Path) -> dict[str, Path]:
+    """A stand-in for each benchmark a preset uses, under `root`: kind -> task.data."""
+    return {kind: write(root / kind) for kind, write in STAND_INS.items()}
+
+
+def preset_data(preset: Path, stand_ins: dict[str, Path]) -> list[str]:
+    """The task.data override a preset needs to validate and run here (none for Omniglot and sinusoid)."""
+    kind = yaml.safe_load(preset.read_text())["task"]["kind"]
+    if kind == "folder":
+        return [FOLDER_DATA]
+    return [f"task.data={stand_ins[kind]}"] if kind in stand_ins else []
