@@ -456,8 +456,6 @@ def _image_problems(config: RunConfig) -> list[str]:
     t, problems = config.task, []
     if t.kind == "omniglot" and t.channels != 1:
         problems.append(f"task.channels = {t.channels}: Omniglot is grayscale; use task.channels 1")
-    if t.classes is not None:
-        problems += _class_list_problems(t)
     if (t.mean is None) != (t.std is None):
         given, missing = ("task.mean", "task.std") if t.std is None else ("task.std", "task.mean")
         problems.append(f"{given} = {list(getattr(t, given[5:]))}: needs {missing} too (or neither)")
@@ -498,6 +496,9 @@ def _class_list_problems(t: TaskConfig) -> list[str]:
 def _task_problems(config: RunConfig) -> list[str]:
     """The classification task against its data: the source is there, the splits have enough classes and images."""
     t, problems = config.task, _image_problems(config)
+    listed = _class_list_problems(t) if t.classes is not None else []
+    if listed:  # the data is checked against valid class lists only
+        return problems + listed
     if config.model.kind == "mlp" and t.kind == "omniglot":
         problems.append("model.kind = 'mlp': Omniglot tasks need model.kind 'conv4' or 'resnet12'")
     try:

@@ -1,4 +1,5 @@
-"""Image data for few-shot classification: Omniglot and the user's own image folders.
+"""Image data for few-shot classification: Omniglot and the user's own image folders (the published
+benchmarks' layouts are read by platform.published, through the same cache).
 
 Every source is decoded once into a compact uint8 array (in an `ImageFormat`: 28x28 grayscale with
 ink high by default, platform.images) and cached on disk under `cache_dir()`, keyed by the content

@@ -79,7 +79,9 @@ def split_classes(images: ImageClasses, split: str) -> np.ndarray:
 
 def _find(kind: str, root: Path) -> _Found:
     if not root.is_dir():
-        raise DataError(f"{root}: {kind} data folder not found; give task.data = the folder holding {EXPECTED[kind]}")
+        raise DataError(
+            f"{root}: {kind} data folder not found; give task.data = a local folder holding {EXPECTED[kind]}"
+        )
     finders = {
         "miniimagenet": _miniimagenet,
         "tieredimagenet": _tieredimagenet,

@@ -62,7 +62,7 @@ def folder_split(task: TaskConfig, names: Sequence[str], split: str) -> np.ndarr
     missing = [name for name in task.classes[split] if name not in index]
     if missing:
         raise DataError(f"task.classes.{split}: {missing[:3]} not class folders of {data_root(task)}")
-    return np.sort([index[name] for name in task.classes[split]])
+    return np.sort(np.array([index[name] for name in task.classes[split]], dtype=np.int64))
 
 
 def data_root(task: TaskConfig) -> Path:

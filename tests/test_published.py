@@ -296,6 +296,21 @@ def test_folder_class_lists_make_5_way_cifar10_possible(cifar10_source):
         )
 
 
+def test_class_list_rules(cifar10_source):
+    data = f"task.data={cifar10_source}"
+    with pytest.raises(ConfigError) as refused:
+        load_config(
+            "configs/cifar10-protonet.yaml", [data, "task.classes={train: [cat, cat, dog], val: [dog], test: []}"]
+        )
+    assert refused.value.problems == [
+        "configs/cifar10-protonet.yaml: task.classes.test: missing or empty; give the class folders of every split",
+        "configs/cifar10-protonet.yaml: task.classes.train: ['cat'] listed more than once",
+        "configs/cifar10-protonet.yaml: task.classes.val: ['dog'] also in task.classes.train; train shares no class",
+    ]
+    with pytest.raises(ConfigError, match="task.classes: only for task.kind 'folder'"):
+        load_config(None, ["task.kind=cub", "task.classes={train: [a], val: [b], test: [c]}"])
+
+
 def test_grayscale_without_inversion(tmp_path):
     (tmp_path / "c").mkdir()
     buf = io.BytesIO()
