@@ -108,14 +108,19 @@ def check_omniglot_source(source: str) -> None:
     (nothing is fetched); an s3:// URI must be well-formed and, when AWS credentials are at hand, both
     objects must exist (one HEAD request each, skipped for a download already in the cache).
     """
-    kind = _source_kind(source)
-    if kind == "folder":
+    if source_kind(source) == "folder":
         for part in OMNIGLOT_SETS:
             _local_path(Path(source).expanduser(), f"images_{part}")
         return
-    urls = [f"{source.rstrip('/')}/images_{part}.zip" for part in OMNIGLOT_SETS]
-    missing = [url for url in urls if not _download_path(url).exists()]
-    if kind == "s3" and missing:
+    check_downloads(source, [f"{source.rstrip('/')}/images_{part}.zip" for part in OMNIGLOT_SETS])
+
+
+def check_downloads(source: str, urls: list[str]) -> None:
+    """The files `urls` of a well-formed http(s) or s3 `source`, as far as a check can without fetching
+    them: S3 objects must exist (one HEAD each, when AWS credentials are at hand and the download is
+    not in the cache yet); http(s) URLs are only parsed."""
+    missing = [url for url in urls if not download_path(url).exists()]
+    if source_kind(source) == "s3" and missing:
         _check_s3_objects(missing)
 
 
@@ -163,7 +168,7 @@ def is_image(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES)
 
 
-def _source_kind(source: str) -> str:
+def source_kind(source: str) -> str:
     """ "http", "s3" or "folder"; DataError for a URL that is not well-formed or of another scheme."""
     scheme, sep, _ = source.partition("://")
     if not sep:
@@ -192,10 +197,10 @@ def _url_host(parsed) -> str | None:
 
 def _fetch(source: str, name: str) -> Path:
     """Local path of `<name>.zip` or of the extracted folder `<name>/` from an Omniglot source."""
-    if _source_kind(source) != "folder":
+    if source_kind(source) != "folder":
         base = source.rstrip("/")
         expected = OFFICIAL_MD5[f"{name}.zip"] if base == OFFICIAL_OMNIGLOT_URL else None
-        return _download(f"{base}/{name}.zip", expected)
+        return download(f"{base}/{name}.zip", expected)
     return _local_path(Path(source).expanduser(), name)
 
 
@@ -215,17 +220,17 @@ def _local_path(root: Path, name: str) -> Path:
     )
 
 
-def _download_path(url: str) -> Path:
+def download_path(url: str) -> Path:
     return cache_dir() / "downloads" / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{url.rsplit('/', 1)[1]}"
 
 
-def _download(url: str, expected_md5: str | None) -> Path:
+def download(url: str, expected_md5: str | None) -> Path:
     """Downloads `url` into the cache once; only a complete (and verified) file gets its name.
 
     One downloader at a time per file (a file lock), so the temp files of killed downloaders are
     removed by the next one, and a failing disk is told apart from a failing network.
     """
-    dest = _download_path(url)
+    dest = download_path(url)
     if dest.exists():
         return dest
     try:
@@ -253,7 +258,7 @@ def _download_to(url: str, dest: Path, expected_md5: str | None) -> None:
         if expected_md5 and actual != expected_md5:
             raise DataError(
                 f"{url}: md5 checksum mismatch (expected {expected_md5}, got {actual}); the download is "
-                "corrupt or the file changed upstream: try again, or set METAPLATFORM_OMNIGLOT to a local copy"
+                "corrupt or the file changed upstream: try again, or give a local copy (Omniglot: METAPLATFORM_OMNIGLOT)"
             )
 
 
@@ -281,7 +286,7 @@ def _get_http(url: str, sink: _DiskWrites) -> None:
             raise sink.error from None
         raise DataError(
             f"{url}: download failed ({e}); check the URL and the network, "
-            "or set METAPLATFORM_OMNIGLOT to a local folder holding the zips"
+            "or give a local copy (Omniglot: METAPLATFORM_OMNIGLOT, a folder holding the zips)"
         ) from None
 
 

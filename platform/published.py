@@ -1,5 +1,5 @@
 """The published few-shot benchmarks, read in the layouts they are distributed in, from a local folder
-(`task.data`):
+(`task.data`; CIFAR-100's archive also from an http(s) or s3:// base URL, as Omniglot's zips):
 
 * miniimagenet: Ravi & Larochelle's `train.csv`, `val.csv`, `test.csv` (`filename,label` rows) beside
   `images/`; or, without the CSVs, the shared pickle caches `mini-imagenet-cache-{train,val,test}.pkl`
@@ -19,9 +19,15 @@ Pickles are read with an unpickler that builds plain data only: a pickle from th
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
+import os
 import pickle
+import shutil
+import tarfile
+import tempfile
+import zlib
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +35,17 @@ from pathlib import Path
 
 import numpy as np
 
-from platform.data import Classes, ImageClasses, cached_classes, list_image_folder
+from platform.data import (
+    Classes,
+    ImageClasses,
+    cached_classes,
+    check_downloads,
+    download,
+    download_path,
+    list_image_folder,
+    source_kind,
+)
+from platform.files import atomic_write
 from platform.images import DataError, ImageFormat
 
 SPLITS = ("train", "val", "test")
@@ -43,6 +59,13 @@ EXPECTED = {
     "fc100": "cifar-100-python/ (train, test and meta) from https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
     "cub": "CUB_200_2011/ (images/, images.txt, classes.txt) from the CUB-200-2011 archive",
 }
+# CIFAR-100's python archive: `<base>/cifar-100-python.tar.gz`, the official base verified by its published
+# md5 (the one torchvision checks); 600 images per fine class, 5 fine classes per superclass.
+CIFAR100_URL = "https://www.cs.toronto.edu/~kriz"
+CIFAR100_ARCHIVE = "cifar-100-python.tar.gz"
+CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
+CIFAR100_PARTS = ("train", "test", "meta")
+CIFAR100_IMAGES_PER_CLASS, CIFAR100_CLASSES_PER_SUPERCLASS = 600, 5
 # What a plain data pickle may name: NumPy's array reconstruction (and the bytes codec protocol 2 uses).
 _PICKLE_GLOBALS = {
     (module, name)
@@ -61,20 +84,100 @@ class _Found:
     counts: Callable[[], dict[str, list[int]]]  # split -> images per class, in the same order
 
 
-def benchmark_counts(kind: str, root: str | Path) -> dict[str, list[int]]:
-    """Images per class of each split (train, val, test), in class order; decodes no image."""
-    return _find(kind, Path(root).expanduser()).counts()
+def benchmark_counts(kind: str, source: str | Path) -> dict[str, list[int]]:
+    """Images per class of each split (train, val, test), in class order; decodes no image. A URL source
+    is not fetched for this: until it is in the download cache, its URL is checked (check_downloads)
+    and the counts are the published ones, checked against the files when they are loaded."""
+    source = str(source)
+    if source_kind(source) != "folder":
+        url = _archive_url(kind, source)
+        check_downloads(source, [url])
+        if not download_path(url).exists():
+            return _published_counts(kind)
+    return _find(kind, _local_root(kind, source)).counts()
 
 
-def load_benchmark(kind: str, root: str | Path, image_format: ImageFormat) -> ImageClasses:
+def load_benchmark(kind: str, source: str | Path, image_format: ImageFormat) -> ImageClasses:
     """All classes of the benchmark in `image_format`, train then val then test (see split_classes)."""
-    found = _find(kind, Path(root).expanduser())
+    found = _find(kind, _local_root(kind, str(source)))
     return cached_classes(kind, image_format, found.key_files, found.classes)
 
 
 def split_classes(images: ImageClasses, split: str) -> np.ndarray:
     """Indices of the classes of one split in what load_benchmark returned."""
     return np.array([i for i, name in enumerate(images.names) if name.startswith(f"{split}/")], dtype=np.int64)
+
+
+def _local_root(kind: str, source: str) -> Path:
+    """The local folder of a source: itself, or the downloaded archive extracted in the download cache."""
+    if source_kind(source) == "folder":
+        return Path(source).expanduser()
+    expected = CIFAR100_MD5 if source.rstrip("/") == CIFAR100_URL else None  # other URLs are not verified
+    return _extracted(download(_archive_url(kind, source), expected))
+
+
+def _archive_url(kind: str, source: str) -> str:
+    if kind not in ("cifarfs", "fc100"):
+        raise DataError(
+            f"{source}: task.kind {kind} reads a local folder (holding {EXPECTED[kind]}); download the data set "
+            "there and give that folder"
+        )
+    return f"{source.rstrip('/')}/{CIFAR100_ARCHIVE}"
+
+
+def _published_counts(kind: str) -> dict[str, list[int]]:
+    listed = json.loads((SPLIT_LISTS / f"{kind}.json").read_text())
+    per_entry = 1 if kind == "cifarfs" else CIFAR100_CLASSES_PER_SUPERCLASS
+    return {split: [CIFAR100_IMAGES_PER_CLASS] * (per_entry * len(listed[split])) for split in SPLITS}
+
+
+def _extracted(archive: Path) -> Path:
+    """The pickles of a downloaded CIFAR-100 archive, extracted once beside it (`<archive>.d/cifar-100-python/`):
+    one extractor at a time (a file lock), published with one atomic rename."""
+    dest = archive.with_name(f"{archive.name}.d")
+    if dest.is_dir():
+        return dest
+    try:
+        with open(f"{dest}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not dest.is_dir():  # another process may have extracted it while we waited
+                for stale in dest.parent.glob(f".{dest.name}-*"):  # we hold the lock: their extractors died
+                    shutil.rmtree(stale)
+                members = _cifar100_members(archive)
+                tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+                try:
+                    (tmp / "cifar-100-python").mkdir()
+                    for name, content in members.items():
+                        atomic_write(tmp / "cifar-100-python" / name, content)
+                    os.chmod(tmp, 0o755)  # mkdtemp makes it private
+                    os.rename(tmp, dest)
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
+    except OSError as e:
+        raise DataError(
+            f"cannot write the download cache in {dest.parent} ({e}); free space there "
+            "or set METAPLATFORM_CACHE to a folder with room"
+        ) from None
+    return dest
+
+
+def _cifar100_members(archive: Path) -> dict[str, bytes]:
+    wanted = {f"cifar-100-python/{name}": name for name in CIFAR100_PARTS}
+    members = {}
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            for member in tar:
+                if member.name in wanted and member.isfile():
+                    members[wanted[member.name]] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        raise DataError(
+            f"{archive}: not a readable tar.gz ({e}); delete it from the download cache to fetch it again"
+        ) from None
+    missing = [f"cifar-100-python/{name}" for name in CIFAR100_PARTS if name not in members]
+    if missing:
+        raise DataError(f"{archive}: no {missing[0]} in it; the source must serve CIFAR-100's python archive")
+    return members
 
 
 def _find(kind: str, root: Path) -> _Found:

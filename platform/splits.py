@@ -54,23 +54,23 @@ def folder_split(task: TaskConfig, names: Sequence[str], split: str) -> np.ndarr
     if task.classes is None:
         if len(names) < FOLDER_MIN_CLASSES:
             raise DataError(
-                f"{data_root(task)}: {len(names)} class folder(s); a folder data set needs at least "
+                f"{data_source(task)}: {len(names)} class folder(s); a folder data set needs at least "
                 f"{FOLDER_MIN_CLASSES}, one each for meta-training, meta-validation and meta-test"
             )
         return folder_classes(len(names), split)
     index = {name: i for i, name in enumerate(names)}
     missing = [name for name in task.classes[split] if name not in index]
     if missing:
-        raise DataError(f"task.classes.{split}: {missing[:3]} not class folders of {data_root(task)}")
+        raise DataError(f"task.classes.{split}: {missing[:3]} not class folders of {data_source(task)}")
     return np.sort(np.array([index[name] for name in task.classes[split]], dtype=np.int64))
 
 
-def data_root(task: TaskConfig) -> Path:
+def data_source(task: TaskConfig) -> str:
     """task.data of a folder data set or a published benchmark; DataError when it is not given."""
     if not task.data:
         expected = "a folder laid out as <root>/<class>/<image>" if task.kind == "folder" else EXPECTED[task.kind]
         raise DataError(f"task.kind {task.kind!r} needs task.data: {expected}")
-    return Path(task.data).expanduser()
+    return task.data
 
 
 def split_sizes(task: TaskConfig) -> dict[str, int]:
@@ -78,10 +78,10 @@ def split_sizes(task: TaskConfig) -> dict[str, int]:
     if task.kind == "omniglot":
         return {split: len(omniglot_characters(task.split, split)) * ROTATIONS for split in TASK_SPLITS}
     if task.kind == "folder":
-        names = [name for name, _ in list_image_folder(data_root(task))]
+        names = [name for name, _ in list_image_folder(data_source(task))]
         return {split: len(folder_split(task, names, split)) for split in TASK_SPLITS}
     if task.kind in BENCHMARKS:
-        return {split: len(counts) for split, counts in benchmark_counts(task.kind, data_root(task)).items()}
+        return {split: len(counts) for split, counts in benchmark_counts(task.kind, data_source(task)).items()}
     raise ValueError("sinusoid tasks have no classes")
 
 
@@ -90,11 +90,11 @@ def images_per_class(task: TaskConfig) -> int | None:
     if task.kind == "omniglot":
         return OMNIGLOT_IMAGES_PER_CLASS
     if task.kind == "folder":
-        listing = list_image_folder(data_root(task))
+        listing = list_image_folder(data_source(task))
         used = {i for split in TASK_SPLITS for i in folder_split(task, [name for name, _ in listing], split)}
         return min(len(listing[i][1]) for i in used)
     if task.kind in BENCHMARKS:
-        return min(min(counts, default=0) for counts in benchmark_counts(task.kind, data_root(task)).values())
+        return min(min(counts, default=0) for counts in benchmark_counts(task.kind, data_source(task)).values())
     return None
 
 

@@ -17,7 +17,7 @@ from platform.config import TaskConfig
 from platform.data import ImageClasses, load_image_folder, load_omniglot
 from platform.images import augment
 from platform.published import load_benchmark, split_classes
-from platform.splits import ROTATIONS, TASK_SPLITS, data_root, folder_split, omniglot_characters
+from platform.splits import ROTATIONS, TASK_SPLITS, data_source, folder_split, omniglot_characters
 from platform.streams import Stream
 
 
@@ -136,10 +136,10 @@ def task_sampler(config: TaskConfig, split: str):
         images = load_omniglot(config.data, config.image_format)
         classes, rotations = omniglot_characters(config.split, split), ROTATIONS
     elif config.kind == "folder":
-        images = load_image_folder(data_root(config), config.image_format)
+        images = load_image_folder(data_source(config), config.image_format)
         classes, rotations = folder_split(config, images.names, split), 1
     else:
-        images = load_benchmark(config.kind, data_root(config), config.image_format)
+        images = load_benchmark(config.kind, data_source(config), config.image_format)
         classes, rotations = split_classes(images, split), 1
     return ImageClassificationTasks(
         split, images, classes, config.ways, config.shots, config.query, rotations, config.crop_padding, config.flip

@@ -1,12 +1,16 @@
 """Tests of platform.published on tiny files in the benchmarks' exact published layouts (tests/benchmark_files.py):
 what is listed, what is loaded and split, the shipped split lists, and every broken file as one clear DataError."""
 
+import functools
 import io
 import json
 import pickle
 import re
 import subprocess
 import sys
+import tarfile
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import benchmark_files as bf
 import numpy as np
@@ -273,6 +277,67 @@ def test_a_missing_benchmark_is_exit_2_naming_what_it_needs(tmp_path):
     )  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert f"{tmp_path}/train: not found; task.kind cifarfs needs cifar-100-python/" in result.stderr
+
+
+# --- CIFAR-100's archive from a URL ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def served(tmp_path):
+    """(folder, base URL, stop): a plain http server on loopback serving the folder."""
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    folder = tmp_path / "served"
+    folder.mkdir()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=folder))
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield folder, f"http://127.0.0.1:{server.server_port}/cifar", server.shutdown
+    server.shutdown()
+    server.server_close()
+
+
+def cifar_archive(tmp_path, folder):
+    """`folder`/cifar-100-python.tar.gz made of a stand-in archive, as the official one is laid out."""
+    root = bf.cifar100(tmp_path / "source")
+    (folder / "cifar").mkdir()
+    with tarfile.open(folder / "cifar" / published.CIFAR100_ARCHIVE, "w:gz") as tar:
+        tar.add(root / "cifar-100-python", arcname="cifar-100-python")
+    return root
+
+
+def test_cifar100_archive_from_a_url_is_downloaded_once(tmp_path, served):
+    folder, url, stop = served
+    local = cifar_archive(tmp_path, folder)
+    before = published.benchmark_counts("fc100", url)  # a check fetches nothing: the published counts
+    assert [len(before[s]) for s in bf.SPLITS] == [60, 20, 20] and {n for s in bf.SPLITS for n in before[s]} == {600}
+    images = published.load_benchmark("fc100", url, ImageFormat(32, 3))
+    assert published.benchmark_counts("fc100", url)["test"] == [2] * 20  # now the downloaded files'
+    stop()  # from the cache from now on, and the same cache entry as the local folder's
+    again = published.load_benchmark("fc100", url, ImageFormat(32, 3))
+    np.testing.assert_array_equal(again.images, images.images)
+    assert published.load_benchmark("fc100", local, ImageFormat(32, 3)).images.filename == images.images.filename
+
+
+def test_the_official_cifar100_url_is_verified(tmp_path, served, monkeypatch):
+    folder, url, _ = served
+    cifar_archive(tmp_path, folder)
+    monkeypatch.setattr(published, "CIFAR100_URL", url)  # the stand-in is not the archive of the published md5
+    with pytest.raises(DataError, match="md5 checksum mismatch"):
+        published.load_benchmark("cifarfs", url, RGB16)
+
+
+def test_a_url_archive_of_something_else_and_a_url_for_a_local_only_kind(tmp_path, served):
+    folder, url, _ = served
+    (folder / "cifar").mkdir()
+    with tarfile.open(folder / "cifar" / published.CIFAR100_ARCHIVE, "w:gz") as tar:
+        tar.add(bf.tieredimagenet(tmp_path / "other"), arcname="cifar-10-batches-py")
+    with pytest.raises(DataError, match="no cifar-100-python/train in it"):
+        published.load_benchmark("cifarfs", url, RGB16)
+    with pytest.raises(DataError, match="task.kind cub reads a local folder"):
+        published.benchmark_counts("cub", url)
 
 
 # --- the folder kind's new options --------------------------------------------------------------------
