@@ -75,7 +75,7 @@ class SinusoidTasks:
 class ImageClassificationTasks:
     """N-way K-shot classification over a fixed list of classes.
 
-    A class is (source class index, rotation); `rotations` is 4 for Omniglot, 1 for photographs.
+    A class is (source class index, rotation); `rotations` is 4 for Omniglot, 1 for the other data sets.
     Labels are 0..N-1 in the order the classes were drawn, so their meaning changes per task.
     Training tasks are augmented (`crop_padding`, `flip`: platform.images.augment) from a stream of
     their own, so a task's classes and images are the same with augmentation on or off.
