@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
 from platform.data import DataError, check_omniglot_source, default_omniglot_source
 from platform.images import CHANNELS, ImageFormat
+from platform.published import BENCHMARKS, NATIVE_SIZE
 from platform.splits import TASK_SPLITS, images_per_class, split_sizes
 
 VECTORIZABLE = ("maml", "fomaml", "anil", "metasgd")  # algorithms with a vmap path (resources.vectorize)
@@ -55,7 +56,10 @@ class _Section(BaseModel):
 
 
 class TaskConfig(_Section):
-    kind: Literal["sinusoid", "omniglot", "folder"] = "sinusoid"
+    kind: Literal[("sinusoid", "omniglot", "folder", *BENCHMARKS)] = Field(
+        "sinusoid",
+        description="sinusoid regression, Omniglot, your own folder of images, or a published benchmark (platform.published)",
+    )
     ways: int = Field(5, gt=0, description="classes per task (classification)")
     shots: int = Field(10, gt=0, description="support examples per class (K)")
     query: int = Field(10, gt=0, description="query examples per class")
@@ -64,11 +68,28 @@ class TaskConfig(_Section):
     )
     data: str | None = Field(
         None,
-        description="Omniglot: folder, https URL or s3:// URI ($METAPLATFORM_OMNIGLOT or the official download when null); folder: root/<class>/<image>",
+        description=(
+            "Omniglot: folder, https URL or s3:// URI ($METAPLATFORM_OMNIGLOT or the official download when null); "
+            "folder: root/<class>/<image>; a published benchmark: the folder holding it in its published layout"
+        ),
     )
-    image_size: int = Field(28, gt=0, description="images are resized to image_size x image_size pixels")
+    classes: dict[Literal[TASK_SPLITS], list[str]] | None = Field(
+        None,
+        description=(
+            "folder: the class folders of each split, {train: [...], val: [...], test: [...]} (null: 70/15/15 by a "
+            "fixed permutation); train shares no class with val or test, which may share classes"
+        ),
+    )
+    image_size: int = Field(
+        28, gt=0, description="images are resized to image_size x image_size pixels (a benchmark's own by default)"
+    )
     channels: Literal[CHANNELS] = Field(
-        1, description="1: grayscale, inverted (ink high, Omniglot's way); 3: RGB photographs as they are"
+        1,
+        description="1: grayscale (inverted unless task.invert is false); 3: RGB as it is (a benchmark's default)",
+    )
+    invert: bool = Field(
+        True,
+        description="task.channels 1: invert gray levels, so dark ink on light paper is high (Omniglot's way)",
     )
     mean: tuple[float, ...] | None = Field(
         None, description="per-channel mean the model subtracts from pixels in [0, 1] (null: none); with std"
@@ -81,9 +102,17 @@ class TaskConfig(_Section):
     )
     flip: bool = Field(False, description="training tasks: flip each image horizontally with probability 1/2")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _benchmark_format(cls, data: Any) -> Any:
+        """A published benchmark's images default to its own size, in RGB (84x84; 32x32 for the CIFAR ones)."""
+        if isinstance(data, dict) and data.get("kind") in NATIVE_SIZE:
+            return {"image_size": NATIVE_SIZE[data["kind"]], "channels": 3, **data}
+        return data
+
     @property
     def image_format(self) -> ImageFormat:
-        return ImageFormat(self.image_size, self.channels)
+        return ImageFormat(self.image_size, self.channels, self.invert)
 
 
 class ModelConfig(_Section):
@@ -484,9 +513,32 @@ def _image_problems(config: RunConfig) -> list[str]:
     return problems
 
 
+def _class_list_problems(t: TaskConfig) -> list[str]:
+    """task.classes as lists go; the folder itself is checked against them with the data (platform.splits)."""
+    if t.kind != "folder":
+        return [f"task.classes: only for task.kind 'folder' ({t.kind} has its published split); remove it"]
+    problems = [
+        f"task.classes.{s}: missing or empty; give the class folders of every split"
+        for s in TASK_SPLITS
+        if not t.classes.get(s)
+    ]
+    for split, names in t.classes.items():
+        doubled = sorted({n for n in names if names.count(n) > 1})
+        if doubled:
+            problems.append(f"task.classes.{split}: {doubled} listed more than once")
+    for split in ("val", "test"):
+        shared = sorted(set(t.classes.get("train", [])) & set(t.classes.get(split, [])))
+        if shared:
+            problems.append(f"task.classes.{split}: {shared} also in task.classes.train; train shares no class")
+    return problems
+
+
 def _task_problems(config: RunConfig) -> list[str]:
     """The classification task against its data: the source is there, the splits have enough classes and images."""
     t, problems = config.task, _image_problems(config)
+    listed = _class_list_problems(t) if t.classes is not None else []
+    if listed:  # the data is checked against valid class lists only
+        return problems + listed
     if config.model.kind == "mlp" and t.kind == "omniglot":
         problems.append("model.kind = 'mlp': Omniglot tasks need model.kind 'conv4' or 'resnet12'")
     try:

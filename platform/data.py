@@ -1,4 +1,5 @@
-"""Image data for few-shot classification: Omniglot and the user's own image folders.
+"""Image data for few-shot classification: Omniglot and the user's own image folders (the published
+benchmarks' layouts are read by platform.published, through the same cache).
 
 Every source is decoded once into a compact uint8 array (in an `ImageFormat`: 28x28 grayscale with
 ink high by default, platform.images) and cached on disk under `cache_dir()`, keyed by the content
@@ -41,8 +42,8 @@ OMNIGLOT_SETS = ("background", "evaluation")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 # (where the image comes from, for messages; a function that reads its bytes)
-_Item = tuple[str, Callable[[], bytes]]
-_Classes = list[tuple[str, list[_Item]]]
+Item = tuple[str, Callable[[], bytes | np.ndarray]]  # an image file's bytes, or pixels (images.ImageFormat.decode)
+Classes = list[tuple[str, list[Item]]]
 
 
 # eq=False: the generated == and hash would compare and hash numpy arrays, which does not work.
@@ -94,10 +95,10 @@ def load_omniglot(source: str | None = None, image_format: ImageFormat = OMNIGLO
     files = {part: _omniglot_files(part, path) for part, path in paths.items()}
     with contextlib.ExitStack() as open_zips:  # the zips stay open while the images are decoded
 
-        def classes() -> _Classes:
+        def classes() -> Classes:
             return [c for part in OMNIGLOT_SETS for c in _omniglot_classes(part, paths[part], files[part], open_zips)]
 
-        return _cached("omniglot", image_format, [f for part in OMNIGLOT_SETS for f in files[part]], classes)
+        return cached_classes("omniglot", image_format, [f for part in OMNIGLOT_SETS for f in files[part]], classes)
 
 
 def check_omniglot_source(source: str) -> None:
@@ -107,14 +108,19 @@ def check_omniglot_source(source: str) -> None:
     (nothing is fetched); an s3:// URI must be well-formed and, when AWS credentials are at hand, both
     objects must exist (one HEAD request each, skipped for a download already in the cache).
     """
-    kind = _source_kind(source)
-    if kind == "folder":
+    if source_kind(source) == "folder":
         for part in OMNIGLOT_SETS:
             _local_path(Path(source).expanduser(), f"images_{part}")
         return
-    urls = [f"{source.rstrip('/')}/images_{part}.zip" for part in OMNIGLOT_SETS]
-    missing = [url for url in urls if not _download_path(url).exists()]
-    if kind == "s3" and missing:
+    check_downloads(source, [f"{source.rstrip('/')}/images_{part}.zip" for part in OMNIGLOT_SETS])
+
+
+def check_downloads(source: str, urls: list[str]) -> None:
+    """The files `urls` of a well-formed http(s) or s3 `source`, as far as a check can without fetching
+    them: S3 objects must exist (one HEAD each, when AWS credentials are at hand and the download is
+    not in the cache yet); http(s) URLs are only parsed."""
+    missing = [url for url in urls if not download_path(url).exists()]
+    if source_kind(source) == "s3" and missing:
         _check_s3_objects(missing)
 
 
@@ -155,14 +161,14 @@ def load_image_folder(root: str | Path, image_format: ImageFormat = OMNIGLOT_FOR
     listing = list_image_folder(root)
     key_files = [(f"{name}/{p.name}", p) for name, files in listing for p in files]
     classes = [(name, [(str(p), p.read_bytes) for p in files]) for name, files in listing]
-    return _cached("folder", image_format, key_files, lambda: classes)
+    return cached_classes("folder", image_format, key_files, lambda: classes)
 
 
 def is_image(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES)
 
 
-def _source_kind(source: str) -> str:
+def source_kind(source: str) -> str:
     """ "http", "s3" or "folder"; DataError for a URL that is not well-formed or of another scheme."""
     scheme, sep, _ = source.partition("://")
     if not sep:
@@ -191,10 +197,10 @@ def _url_host(parsed) -> str | None:
 
 def _fetch(source: str, name: str) -> Path:
     """Local path of `<name>.zip` or of the extracted folder `<name>/` from an Omniglot source."""
-    if _source_kind(source) != "folder":
+    if source_kind(source) != "folder":
         base = source.rstrip("/")
         expected = OFFICIAL_MD5[f"{name}.zip"] if base == OFFICIAL_OMNIGLOT_URL else None
-        return _download(f"{base}/{name}.zip", expected)
+        return download(f"{base}/{name}.zip", expected)
     return _local_path(Path(source).expanduser(), name)
 
 
@@ -214,17 +220,17 @@ def _local_path(root: Path, name: str) -> Path:
     )
 
 
-def _download_path(url: str) -> Path:
+def download_path(url: str) -> Path:
     return cache_dir() / "downloads" / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{url.rsplit('/', 1)[1]}"
 
 
-def _download(url: str, expected_md5: str | None) -> Path:
+def download(url: str, expected_md5: str | None) -> Path:
     """Downloads `url` into the cache once; only a complete (and verified) file gets its name.
 
     One downloader at a time per file (a file lock), so the temp files of killed downloaders are
     removed by the next one, and a failing disk is told apart from a failing network.
     """
-    dest = _download_path(url)
+    dest = download_path(url)
     if dest.exists():
         return dest
     try:
@@ -252,7 +258,7 @@ def _download_to(url: str, dest: Path, expected_md5: str | None) -> None:
         if expected_md5 and actual != expected_md5:
             raise DataError(
                 f"{url}: md5 checksum mismatch (expected {expected_md5}, got {actual}); the download is "
-                "corrupt or the file changed upstream: try again, or set METAPLATFORM_OMNIGLOT to a local copy"
+                "corrupt or the file changed upstream: try again, or give a local copy (Omniglot: METAPLATFORM_OMNIGLOT)"
             )
 
 
@@ -280,7 +286,7 @@ def _get_http(url: str, sink: _DiskWrites) -> None:
             raise sink.error from None
         raise DataError(
             f"{url}: download failed ({e}); check the URL and the network, "
-            "or set METAPLATFORM_OMNIGLOT to a local folder holding the zips"
+            "or give a local copy (Omniglot: METAPLATFORM_OMNIGLOT, a folder holding the zips)"
         ) from None
 
 
@@ -330,7 +336,7 @@ def _omniglot_files(part: str, path: Path) -> list[tuple[str, Path]]:
     return sorted((f"{top}/{p.relative_to(path).as_posix()}", p) for p in path.glob("*/*/*"))
 
 
-def _omniglot_classes(part: str, path: Path, files: list[tuple[str, Path]], stack: contextlib.ExitStack) -> _Classes:
+def _omniglot_classes(part: str, path: Path, files: list[tuple[str, Path]], stack: contextlib.ExitStack) -> Classes:
     """The classes of one set, from its zip or from the `files` of its extracted folder."""
     top = f"images_{part}"
     if path.is_file():
@@ -354,8 +360,8 @@ def _omniglot_classes(part: str, path: Path, files: list[tuple[str, Path]], stac
     return [(f"{part}/{a}/{c}", items) for (a, c), items in sorted(groups.items())]
 
 
-def _cached(
-    kind: str, image_format: ImageFormat, key_files: list[tuple[str, Path]], classes: Callable[[], _Classes]
+def cached_classes(
+    kind: str, image_format: ImageFormat, key_files: list[tuple[str, Path]], classes: Callable[[], Classes]
 ) -> ImageClasses:
     """Loads the cache entry for the content of `key_files` in `image_format`, first building it from
     `classes()` if no process has yet (listing the classes is left until then: it is slow for big zips)."""
@@ -389,7 +395,7 @@ def _cached(
     )
 
 
-def _build_entry(entry: Path, classes: _Classes, image_format: ImageFormat) -> None:
+def _build_entry(entry: Path, classes: Classes, image_format: ImageFormat) -> None:
     """Decodes all images, then publishes them as `entry/` with one atomic rename."""
     # We hold the lock, so temp folders of this entry are left over from builders that crashed.
     for stale in entry.parent.glob(f".tmp-{entry.name}-*"):

@@ -27,10 +27,12 @@ class DataError(Exception):
 @dataclass(frozen=True)
 class ImageFormat:
     """What every image is converted to: `size` x `size` pixels, 1 channel (grayscale, inverted so
-    that ink is high, as Omniglot) or 3 (RGB, as it is). The default is Omniglot's 28x28 grayscale."""
+    that ink is high, as Omniglot, unless `invert` is off) or 3 (RGB, as it is, whatever `invert`).
+    The default is Omniglot's 28x28 grayscale."""
 
     size: int = 28
     channels: int = 1
+    invert: bool = True
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -45,24 +47,31 @@ class ImageFormat:
     @property
     def preprocessing(self) -> str:
         """Part of every cache key: it changes whenever the conversion does (28x28 grayscale keeps the
-        key it had before RGB existed, so existing caches stay valid)."""
+        key it had before RGB existed, and inverted grayscale the key it had before `invert`, so
+        existing caches stay valid)."""
         if self.channels == 1:
-            return f"v1 grayscale, LANCZOS {self.size}x{self.size}, inverted"
+            return f"v1 grayscale, LANCZOS {self.size}x{self.size}" + (", inverted" if self.invert else "")
         return f"v1 RGB, LANCZOS {self.size}x{self.size}"
 
-    def decode(self, read: Callable[[], bytes], where: str) -> np.ndarray:
-        """One image file as uint8 of `stored_shape`: transparent parts white, LANCZOS-resized (aspect
-        ratio not kept); grayscale is inverted (ink high), RGB is kept as it is (channels first)."""
+    def decode(self, read: Callable[[], bytes | np.ndarray], where: str) -> np.ndarray:
+        """One image as uint8 of `stored_shape`, from its file's bytes or from its pixels (uint8 (H, W, 3)
+        or (H, W), as data sets shipped as arrays hold them): transparent parts white, LANCZOS-resized
+        (aspect ratio not kept); grayscale is inverted (ink high) unless `invert` is off, RGB is kept as
+        it is (channels first)."""
+        mode = "L" if self.channels == 1 else "RGB"
         try:
-            with Image.open(io.BytesIO(read())) as img:
+            content = read()
+            opened = Image.fromarray(content) if isinstance(content, np.ndarray) else Image.open(io.BytesIO(content))
+            with opened as img:
                 if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
                     img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
-                mode = "L" if self.channels == 1 else "RGB"
                 small = img.convert(mode).resize((self.size, self.size), Image.Resampling.LANCZOS)
         except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, Image.DecompressionBombError) as e:
             raise DataError(f"{where}: cannot read the image ({e}); replace or remove the file") from None
         pixels = np.asarray(small, dtype=np.uint8)
-        return 255 - pixels if self.channels == 1 else np.ascontiguousarray(pixels.transpose(2, 0, 1))
+        if self.channels == 3:
+            return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+        return 255 - pixels if self.invert else pixels
 
 
 OMNIGLOT_FORMAT = ImageFormat()  # 28x28 grayscale, ink high

@@ -14,6 +14,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTra
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from platform.config import ConfigError, RunConfig, field_annotation, is_key, with_values
+from platform.published import BENCHMARKS
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "lograndint", "choice")
 # Sensible first searches (docs/tuning.md): around the MAML paper's values.
@@ -30,6 +31,8 @@ DEFAULT_SPACES = {
     },
 }
 DEFAULT_SPACES["folder"] = DEFAULT_SPACES["omniglot"]
+for _kind in BENCHMARKS:  # photographs: around MAML's miniImageNet eta 0.01
+    DEFAULT_SPACES[_kind] = {**DEFAULT_SPACES["omniglot"], "optim.inner_lr": {"loguniform": [0.001, 0.1]}}
 
 
 def _number(x: Any) -> bool:

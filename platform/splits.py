@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from platform.data import DataError, list_image_folder
+from platform.published import BENCHMARKS, EXPECTED, benchmark_counts
 from platform.streams import permutation
 
 if TYPE_CHECKING:  # for annotations only: platform.config imports this module
@@ -46,33 +48,53 @@ def folder_classes(count: int, split: str) -> np.ndarray:
     return np.sort(parts[split])
 
 
-def folder_root(task: TaskConfig) -> Path:
+def folder_split(task: TaskConfig, names: Sequence[str], split: str) -> np.ndarray:
+    """Indices (sorted) into a folder's classes `names` of one split: task.classes when given, else
+    folder_classes. DataError for a listed class the folder does not have."""
+    if task.classes is None:
+        if len(names) < FOLDER_MIN_CLASSES:
+            raise DataError(
+                f"{data_source(task)}: {len(names)} class folder(s); a folder data set needs at least "
+                f"{FOLDER_MIN_CLASSES}, one each for meta-training, meta-validation and meta-test"
+            )
+        return folder_classes(len(names), split)
+    index = {name: i for i, name in enumerate(names)}
+    missing = [name for name in task.classes[split] if name not in index]
+    if missing:
+        raise DataError(f"task.classes.{split}: {missing[:3]} not class folders of {data_source(task)}")
+    return np.sort(np.array([index[name] for name in task.classes[split]], dtype=np.int64))
+
+
+def data_source(task: TaskConfig) -> str:
+    """task.data of a folder data set or a published benchmark; DataError when it is not given."""
     if not task.data:
-        raise DataError("task.kind 'folder' needs task.data: a folder laid out as <root>/<class>/<image>")
-    return Path(task.data).expanduser()
+        expected = "a folder laid out as <root>/<class>/<image>" if task.kind == "folder" else EXPECTED[task.kind]
+        raise DataError(f"task.kind {task.kind!r} needs task.data: {expected}")
+    return task.data
 
 
 def split_sizes(task: TaskConfig) -> dict[str, int]:
-    """Classes in each split, without reading any image (lists a folder data set's files)."""
+    """Classes in each split, without reading any image (lists a folder data set's files, or a benchmark's)."""
     if task.kind == "omniglot":
         return {split: len(omniglot_characters(task.split, split)) * ROTATIONS for split in TASK_SPLITS}
     if task.kind == "folder":
-        count = len(list_image_folder(folder_root(task)))
-        if count < FOLDER_MIN_CLASSES:
-            raise DataError(
-                f"{folder_root(task)}: {count} class folder(s); a folder data set needs at least "
-                f"{FOLDER_MIN_CLASSES}, one each for meta-training, meta-validation and meta-test"
-            )
-        return {split: len(folder_classes(count, split)) for split in TASK_SPLITS}
+        names = [name for name, _ in list_image_folder(data_source(task))]
+        return {split: len(folder_split(task, names, split)) for split in TASK_SPLITS}
+    if task.kind in BENCHMARKS:
+        return {split: len(counts) for split, counts in benchmark_counts(task.kind, data_source(task)).items()}
     raise ValueError("sinusoid tasks have no classes")
 
 
 def images_per_class(task: TaskConfig) -> int | None:
-    """The fewest images any class has (None for regression)."""
+    """The fewest images any class (of a split) has (None for regression)."""
     if task.kind == "omniglot":
         return OMNIGLOT_IMAGES_PER_CLASS
     if task.kind == "folder":
-        return min(len(files) for _, files in list_image_folder(folder_root(task)))
+        listing = list_image_folder(data_source(task))
+        used = {i for split in TASK_SPLITS for i in folder_split(task, [name for name, _ in listing], split)}
+        return min(len(listing[i][1]) for i in used)
+    if task.kind in BENCHMARKS:
+        return min(min(counts, default=0) for counts in benchmark_counts(task.kind, data_source(task)).values())
     return None
 
 

@@ -16,7 +16,8 @@ import torch
 from platform.config import TaskConfig
 from platform.data import ImageClasses, load_image_folder, load_omniglot
 from platform.images import augment
-from platform.splits import ROTATIONS, TASK_SPLITS, folder_classes, folder_root, omniglot_characters
+from platform.published import load_benchmark, split_classes
+from platform.splits import ROTATIONS, TASK_SPLITS, data_source, folder_split, omniglot_characters
 from platform.streams import Stream
 
 
@@ -77,7 +78,7 @@ class SinusoidTasks:
 class ImageClassificationTasks:
     """N-way K-shot classification over a fixed list of classes.
 
-    A class is (source class index, rotation); `rotations` is 4 for Omniglot, 1 for a user's folder.
+    A class is (source class index, rotation); `rotations` is 4 for Omniglot, 1 for the other data sets.
     Labels are 0..N-1 in the order the classes were drawn, so their meaning changes per task.
     Training tasks are augmented (`crop_padding`, `flip`: platform.images.augment) from a stream of
     their own, so a task's classes and images are the same with augmentation on or off.
@@ -138,9 +139,12 @@ def task_sampler(config: TaskConfig, split: str):
     if config.kind == "omniglot":
         images = load_omniglot(config.data, config.image_format)
         classes, rotations = omniglot_characters(config.split, split), ROTATIONS
+    elif config.kind == "folder":
+        images = load_image_folder(data_source(config), config.image_format)
+        classes, rotations = folder_split(config, images.names, split), 1
     else:
-        images = load_image_folder(folder_root(config), config.image_format)
-        classes, rotations = folder_classes(len(images), split), 1
+        images = load_benchmark(config.kind, data_source(config), config.image_format)
+        classes, rotations = split_classes(images, split), 1
     return ImageClassificationTasks(
         split, images, classes, config.ways, config.shots, config.query, rotations, config.crop_padding, config.flip
     )

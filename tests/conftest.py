@@ -83,6 +83,14 @@ def cifar10_source() -> Path:
 
 
 @pytest.fixture(scope="session")
+def benchmark_stand_ins(tmp_path_factory) -> dict[str, Path]:
+    """Tiny stand-ins for the benchmarks the presets use (tests/benchmark_files.py): kind -> task.data."""
+    from benchmark_files import stand_ins
+
+    return stand_ins(tmp_path_factory.mktemp("stand-ins"))
+
+
+@pytest.fixture(scope="session")
 def omniglot_cache() -> Path:
     """The session's cache folder, where the full Omniglot decode is built once."""
     return OMNIGLOT_CACHE

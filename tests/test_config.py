@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from benchmark_files import preset_data
 from PIL import Image
 
 from platform.cli import USAGE_ERROR, run
@@ -55,10 +56,8 @@ def test_no_argument_default_config_is_valid():
 
 
 @pytest.mark.parametrize("preset", [None, *PRESETS], ids=lambda p: "defaults" if p is None else p.name)
-def test_resolved_config_is_complete_rerunnable_yaml(preset, tmp_path):
-    # The folder presets name no data (it is the user's): the shared CIFAR-10 photographs stand in.
-    folder = preset is not None and "kind: folder" in preset.read_text()
-    config = load_config(preset, [f"task.data={REPO.parent / 'shared' / 'data' / 'cifar10'}"] if folder else [])
+def test_resolved_config_is_complete_rerunnable_yaml(preset, benchmark_stand_ins, tmp_path):
+    config = load_config(preset, preset_data(preset, benchmark_stand_ins) if preset else [])
     text = config.to_yaml()
     data = yaml.safe_load(text)
     flat = {f"{section}.{k}" for section, v in data.items() if isinstance(v, dict) for k in v}
