@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from platform.algorithms import BN_STATS, INNER_LR, Params, build
+from platform.algorithms import BN_STATS, EMBEDDING_ALGORITHMS, INNER_LR, Params, build
 from platform.checkpoint import load_checkpoint
 from platform.config import ConfigError, RunConfig
 from platform.images import DataError, ImageFormat
@@ -129,7 +129,7 @@ class Learner:
     def head_outputs(self) -> int | None:
         """How many labels a task may have at most (None: any, ProtoNets)."""
         head = self.params.get("head.weight")
-        return None if head is None else head.shape[0]
+        return None if head is None or self.config.algorithm in EMBEDDING_ALGORITHMS else head.shape[0]
 
     def label_problems(self, count: int, field: str = "support_y") -> list[str]:
         """Why a task of `count` labels cannot be adapted to (none: it can)."""
