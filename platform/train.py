@@ -406,4 +406,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run(main)
+    # The main of the module `platform.train`, not of this `__main__` copy: platform.pretrain raises that
+    # module's RunEnded classes, which this copy's `except` clauses would not know.
+    from platform.train import main as module_main
+
+    run(module_main)
