@@ -290,10 +290,30 @@ def trainer(config: RunConfig, progress: Progress, channel, storage: str):
 
 @dataclass
 class _Gang:
-    """What train.finish reads of a pool: Ray Train's workers are not restarted here."""
+    """What train.finish reads of a pool: the Ray Train worker group's failures and restarts."""
 
     failures: int = 0
     restarts: int = 0
+
+
+def lost_workers(error: Exception) -> bool:
+    """Whether Ray Train failed because workers were lost (a dead process or node: Ray's own errors, such
+    as a failed health check), not because our code raised in one (a bug, shown in full)."""
+    from ray.train import WorkerGroupError
+
+    if not isinstance(error, WorkerGroupError):
+        return True  # the controller or the cluster, not a worker's code
+    return any(type(e).__module__.startswith("ray.") for e in error.worker_failures.values())
+
+
+def describe(error: Exception) -> str:
+    """One line: what the failed workers reported; for lost workers only Ray's errors (the others then
+    report only that their collective's peer went away)."""
+    failures = getattr(error, "worker_failures", None)
+    if not failures:
+        return first_line(error)
+    ours = {rank: e for rank, e in failures.items() if type(e).__module__.startswith("ray.")} or failures
+    return "; ".join(f"worker {rank}: {first_line(e)}" for rank, e in sorted(ours.items()))
 
 
 def progress_line(config: RunConfig, item: dict, window: list[dict], examples: int) -> str:
@@ -363,19 +383,28 @@ class Relay:
         self.pending = []
 
 
-def fit_in_background(trainer) -> tuple[threading.Thread, list]:
-    """trainer.fit() in a thread (the main thread relays and takes the signals); the error it raised, if any."""
+def fit(trainer, channel, relay: Relay, stop: StopRequest) -> Exception | None:
+    """trainer.fit(), relaying what rank 0 sends until it returns; the error it raised, if any. It runs in a
+    thread: the main thread relays and takes the signals (a stop is passed on to rank 0)."""
     errors = []
 
-    def fit():
+    def run():
         try:
             trainer.fit()
-        except Exception as e:  # noqa: BLE001 - reported by the driver as the run's failure
+        except Exception as e:  # noqa: BLE001 - the caller decides: lost workers or a bug
             errors.append(e)
 
-    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread = threading.Thread(target=run, name="ray-train-fit", daemon=True)
     thread.start()
-    return thread, errors
+    while True:
+        done = not thread.is_alive()  # read first: what arrives before the end is still taken below
+        for item in ray.get(channel.take.remote()):
+            relay.receive(item)
+        if done:
+            return errors[0] if errors else None
+        if stop.signal:
+            channel.stop.remote()
+        time.sleep(POLL_S)
 
 
 def pretrain(config: RunConfig, watch: Observers, store, start: dict | None, run_key: str | None) -> dict:
@@ -397,28 +426,29 @@ def pretrain(config: RunConfig, watch: Observers, store, start: dict | None, run
         f"execution: Ray Train, {r.workers} DDP worker(s); {examples} training images of "
         f"{train_classes(config)} classes, {examples // config.pretrain.batch_size} steps per epoch"
     )
-    stop, failure, channel = StopRequest(), None, Channel.remote()
+    stop, failure, channel, gang = StopRequest(), None, Channel.remote(), _Gang()
     try:
         context = {"run_key": progress.run_key, "resumed_from": progress.resumed_from, "branched": progress.branched}
         context |= {"workers": r.workers, "device": "cuda" if r.gpus_per_worker else "cpu", "ray_address": ""}
         watch.on_start(config, context, progress.observers)
         relay = Relay(config, progress, watch, checkpoint, examples)
         with tempfile.TemporaryDirectory(prefix="metaplatform-ray-train-") as storage:
-            thread, errors = fit_in_background(trainer(config, progress, channel, storage))
-            while True:
-                done = not thread.is_alive()  # read first: what arrives before the end is still taken below
-                for item in ray.get(channel.take.remote()):
-                    relay.receive(item)
-                if done:
+            while (error := fit(trainer(config, progress, channel, storage), channel, relay, stop)) is not None:
+                if not lost_workers(error):
+                    raise error
+                gang.failures += 1
+                if stop.signal or gang.failures > r.max_worker_failures:
+                    failure = f"Ray Train lost its workers ({gang.failures} time(s)): {describe(error)}"
                     break
-                if stop.signal:
-                    channel.stop.remote()
-                time.sleep(POLL_S)
-        if errors:
-            failure = f"Ray Train failed: {first_line(errors[0])}"
+                gang.restarts += 1
+                warn(
+                    f"Ray Train lost a worker ({describe(error)}); restarting its {r.workers} workers from "
+                    f"iteration {progress.iteration} (failure {gang.failures} of at most {r.max_worker_failures})"
+                )
+                relay.pending = []  # the steps after that state are done again
     except BaseException:
         checkpoint_after_a_bug(checkpoint, watch)
         raise
     finally:
         ray.kill(channel)
-    return finish(config, progress, store, writer, watch, checkpoint, stop, failure, None, _Gang())
+    return finish(config, progress, store, writer, watch, checkpoint, stop, failure, None, gang)

@@ -4,6 +4,7 @@ then meta-test, the learner API and the MLflow model on its checkpoint, in proce
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -119,6 +120,22 @@ def test_an_interrupted_run_resumes_exactly(ray_cluster, reference, cifar10_sour
     assert "error: --resume from" in refused and "resources.workers = 1: the checkpoint was trained with 2" in refused
     out = finish(start_train(ray_cluster, *args, "--resume"), timeout=300)
     assert f"resumed from {tmp_path} at iteration {stopped}" in out
+    assert_same_params(CheckpointStore(tmp_path).load()["params"], CheckpointStore(where).load()["params"])
+
+
+def test_a_killed_worker_restarts_the_gang_from_the_newest_state_and_changes_nothing(
+    ray_cluster, reference, cifar10_source, tmp_path
+):
+    _, where, _ = reference
+    proc = start_train(ray_cluster, *run_args(cifar10_source, tmp_path, "tracking.mlflow=false"))
+    pid = int(read_until(proc, r"pid=(\d+)\) world_rank=1", timeout=240)[0][1])
+    read_until(proc, r"iter\s+20/")
+    os.kill(pid, signal.SIGKILL)
+    out = finish(proc, timeout=300)
+    assert re.search(r"Ray Train lost a worker \(worker 1: .*\); restarting its 2 workers from iteration [23]0", out), (
+        out
+    )
+    assert "1 worker failures, 1 restarts" in out
     assert_same_params(CheckpointStore(tmp_path).load()["params"], CheckpointStore(where).load()["params"])
 
 
