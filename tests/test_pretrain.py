@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import mlflow
 import numpy as np
@@ -199,3 +200,12 @@ def test_cross_field_rules(cifar10_source):
     assert e.value.problems == [
         "config: algorithm = 'pretrain': pre-training a classifier needs a classification task, not sinusoid"
     ]
+
+
+def test_a_sweep_of_pretrain_is_refused_before_anything_starts(cifar10_source):
+    from platform.tune import sweep_problems
+
+    config = load_config(PRESET, [f"task.data={cifar10_source}"])
+    options = SimpleNamespace(search="random", scheduler="asha")
+    (problem,) = sweep_problems(config, options)
+    assert problem.startswith("algorithm = 'pretrain': no sweeps of pretrain yet") and "platform.train" in problem
