@@ -100,6 +100,13 @@ class ModelConfig(_Section):
             "protocol) or support (of the task's support set, so each query is predicted on its own)"
         ),
     )
+    init_from: str | None = Field(
+        None,
+        description=(
+            "a pretrain checkpoint (file, folder or s3://) whose body initialises this episodic run's "
+            "(Meta-Baseline: protonet from the pre-trained embedding); null: from the seed"
+        ),
+    )
 
 
 def _chunk_size(value: Any) -> int | str:
@@ -436,6 +443,8 @@ def _pretrain_problems(config: RunConfig) -> list[str]:
     p, r = config.pretrain, config.resources
     if not config.classification:
         return ["algorithm = 'pretrain': pre-training a classifier needs a classification task, not sinusoid"]
+    if config.model.init_from is not None:
+        return ["model.init_from: for the episodic algorithms (a pretrain run starts from its seed); set it to null"]
     if p.batch_size % r.workers:
         rule = "each Ray Train worker takes batch_size / workers images a step"
         return [

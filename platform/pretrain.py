@@ -167,6 +167,32 @@ def body_params(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in params.items() if not k.startswith("head.")}
 
 
+def pretrained_body(config: RunConfig) -> dict[str, torch.Tensor]:
+    """The body of the pretrain checkpoint `model.init_from`, for an episodic run to start from
+    (Meta-Baseline); ConfigError unless it is a pretrain run of this body on images of this format."""
+    from platform.checkpoint import CheckpointError, load_checkpoint
+
+    where = f"model.init_from = {config.model.init_from!r}"
+    try:
+        state = load_checkpoint(config.model.init_from)
+    except CheckpointError as e:
+        raise ConfigError([f"{where}: {e}"]) from None
+    saved = RunConfig.model_validate(state["config"])
+    if saved.algorithm != "pretrain":
+        raise ConfigError([f"{where}: a checkpoint of algorithm {saved.algorithm!r}; give one of algorithm 'pretrain'"])
+    same = [("model", "kind"), ("model", "width"), ("task", "image_size"), ("task", "channels"), ("task", "mean")]
+    same.append(("task", "std"))  # the body normalises pixels by them: other values, other features
+    problems = [
+        f"{where}: trained with {section}.{key} = {getattr(getattr(saved, section), key)!r}, this run has "
+        f"{getattr(getattr(config, section), key)!r}"
+        for section, key in same
+        if getattr(getattr(saved, section), key) != getattr(getattr(config, section), key)
+    ]
+    if problems:
+        raise ConfigError(problems)
+    return body_params(state["params"])
+
+
 def sgd_step(config: RunConfig, model: nn.Module, optimizer, x: torch.Tensor, y: torch.Tensor, step: int):
     """One SGD step on (x, y) (`model` may be DDP-wrapped: the gradients are then averaged over the
     workers); returns (loss sum, correct predictions) of the examples."""

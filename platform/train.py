@@ -149,12 +149,17 @@ class Progress:
 
 
 def initial_model(config: RunConfig) -> tuple[dict[str, torch.nn.Parameter], torch.optim.Optimizer]:
-    """The initial parameters (from `config.seed`) and their optimiser, before any resume."""
+    """The initial parameters (from `config.seed`; the body from `model.init_from` when given) and their
+    optimiser, before any resume."""
     if config.algorithm == "pretrain":
         from platform.pretrain import initial_classifier
 
         return initial_classifier(config)
     _, _, initial = build(config)
+    if config.model.init_from:
+        from platform.pretrain import pretrained_body
+
+        initial |= pretrained_body(config)
     params = {k: torch.nn.Parameter(v) for k, v in initial.items()}
     return params, make_optimizer(config, list(params.values()))
 
