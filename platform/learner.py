@@ -6,10 +6,10 @@
 
 It is meta-test's computation (`platform.algorithms`' adapt_to / query_outputs, what `evaluate`
 runs): the run's inner rate (Meta-SGD: its learned per-parameter rates) for `optim.test_inner_steps`
-steps unless told otherwise; ProtoNets build prototypes.
+steps unless told otherwise; ProtoNets build prototypes; pretrain fits its probe (platform/probe.py).
 
 Labels are the user's own names (all strings or all integers, in any order). They are sorted, and
-the i-th name becomes class i. ProtoNets take any number of labels. A MAML-family model has a head
+the i-th name becomes class i. ProtoNets and pretrain take any number of labels. A MAML-family model has a head
 of as many outputs as the ways it was trained on: k < that many labels use the head's first k
 outputs (its first k rows, and Meta-SGD's rates for them), a k-way classifier whose softmax is over
 the user's labels only; more labels than outputs are an error.
