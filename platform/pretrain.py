@@ -209,6 +209,17 @@ def sgd_step(config: RunConfig, model: nn.Module, optimizer, x: torch.Tensor, y:
 # -- the workers (Ray Train) and the driver's channel to them
 
 
+def on_cpu(value):
+    """`value` (a state dict: dicts and lists of tensors and numbers) with its tensors copied to the CPU."""
+    if torch.is_tensor(value):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: on_cpu(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [on_cpu(v) for v in value]
+    return value
+
+
 @ray.remote(num_cpus=0)
 class Channel:
     """What rank 0 sends the driver (in order: one submitter, one actor), and the driver's stop flag."""
@@ -278,8 +289,8 @@ def worker_loop(loop_config: dict) -> None:
             item["val"] = meta_test(config, {k: v.cpu() for k, v in params.items()}, "val", config.eval.tasks, 0)
         if step % config.checkpoint.every == 0 or step == o.iterations or stopping:
             item["state"] = {
-                "params": {k: v.detach().cpu().clone() for k, v in model.named_parameters()},
-                "optimizer": optimizer.state_dict(),
+                "params": on_cpu(dict(model.named_parameters())),
+                "optimizer": on_cpu(optimizer.state_dict()),  # the driver may have no GPU
             }
         channel.put.remote(item)
         if stopping:
