@@ -217,3 +217,21 @@ def test_a_sweep_of_pretrain_is_refused_before_anything_starts(cifar10_source):
     options = SimpleNamespace(search="random", scheduler="asha")
     (problem,) = sweep_problems(config, options)
     assert problem.startswith("algorithm = 'pretrain': no sweeps of pretrain yet") and "platform.train" in problem
+
+
+def test_a_lost_worker_is_restarted_but_our_own_error_in_a_worker_is_a_bug():
+    """What fit() raised, as Ray Train 2 reports it: a failed health check (the SIGKILL in the test above)
+    is Ray's own error, restarted; an exception of our code in a worker (here a ValueError) is not."""
+    from ray.train import WorkerGroupError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    from platform.pretrain import describe, lost_workers
+
+    health = WorkerHealthCheckFailedError("A worker health check failed.", RuntimeError("actor died"))
+    peer = RuntimeError("Connection closed by peer")  # what the surviving worker's all-reduce says
+    lost = WorkerGroupError("Training failed due to worker errors:", {0: peer, 1: health})
+    assert (
+        lost_workers(lost) and describe(lost) == "worker 1: WorkerHealthCheckFailedError: A worker health check failed."
+    )
+    bug = WorkerGroupError("Training failed due to worker errors:", {1: ValueError("a bug")})
+    assert not lost_workers(bug) and describe(bug) == "worker 1: ValueError: a bug"
