@@ -37,6 +37,8 @@ Metrics = dict[str, float]
 INNER_LR = "inner_lr."  # Meta-SGD: prefix of the learned per-parameter inner learning rates
 PROTOTYPES = "prototypes"  # ProtoNets: adapt_to's class means, kept beside the parameters
 BN_STATS = ("batch", "support")
+# Algorithms that adapt in an embedding (no classifier head of task.ways outputs, no inner steps): any ways.
+EMBEDDING_ALGORITHMS = ("protonet", "pretrain")
 
 
 def _stats(rows: int | None) -> dict:
@@ -316,6 +318,10 @@ def build_algorithm(config: RunConfig, model: nn.Module, device: torch.device | 
     """The algorithm object for a run config on a device (`steps` for training come from optim.inner_steps)."""
     if config.algorithm == "protonet":
         return PrototypicalNetwork(model, bn_stats=config.model.bn_stats)
+    if config.algorithm == "pretrain":
+        from platform.probe import EmbeddingProbe  # imported here: probe.py builds on this module
+
+        return EmbeddingProbe(model, probe=config.pretrain.probe, bn_stats=config.model.bn_stats)
     cls = Reptile if config.algorithm == "reptile" else GradientMetaLearner
     return cls(
         model=model,

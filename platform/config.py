@@ -154,6 +154,13 @@ class ModelConfig(_Section):
             "in bfloat16, parameters, gradients and the head in float32); bf16 is for GPUs with bfloat16 units"
         ),
     )
+    init_from: str | None = Field(
+        None,
+        description=(
+            "a pretrain checkpoint (file, folder or s3://) whose body initialises this episodic run's "
+            "(Meta-Baseline: protonet from the pre-trained embedding); null: from the seed"
+        ),
+    )
 
 
 def _chunk_size(value: Any) -> int | str:
@@ -264,12 +271,29 @@ class TrackingConfig(_Section):
     )
 
 
+class PretrainConfig(_Section):
+    """algorithm pretrain (RFS): a classifier over all meta-training classes, trained with mini-batches on
+    Ray Train (platform/pretrain.py) for optim.iterations SGD steps; tasks are then solved in its embedding."""
+
+    batch_size: int = Field(64, gt=0, description="images per SGD step, split equally over resources.workers")
+    lr: float = Field(0.05, gt=0, description="SGD learning rate (at step 0 with schedule cosine)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(5e-4, ge=0, description="L2 weight decay")
+    schedule: Literal["constant", "cosine"] = Field("cosine", description="learning rate over optim.iterations")
+    probe: Literal["logistic", "centroid"] = Field(
+        "logistic",
+        description="test-time classifier on the frozen, L2-normalised embedding: logistic regression fitted "
+        "on the support set (RFS) or the nearest class centroid",
+    )
+
+
 class RunConfig(_Section):
     seed: int = Field(0, ge=0, le=MAX_SEED, description="seeds the model's initialisation and every task")
     task: TaskConfig = TaskConfig()
     model: ModelConfig = ModelConfig()
-    algorithm: Literal["maml", "fomaml", "reptile", "protonet", "anil", "metasgd"] = "maml"
+    algorithm: Literal["maml", "fomaml", "reptile", "protonet", "anil", "metasgd", "pretrain"] = "maml"
     optim: OptimConfig = OptimConfig()
+    pretrain: PretrainConfig = PretrainConfig()
     resources: ResourcesConfig = ResourcesConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     eval: EvalConfig = EvalConfig()
@@ -455,6 +479,8 @@ def check(config: RunConfig) -> list[str]:
         )
     if r.min_workers > r.workers:
         problems.append(f"resources.min_workers = {r.min_workers}: more than resources.workers = {r.workers}")
+    if config.algorithm == "pretrain":
+        return problems + _pretrain_problems(config)  # no meta-batches, so no gradient chunks
     return problems + _chunk_problems(o, r)
 
 
@@ -480,6 +506,20 @@ def _chunk_problems(o: OptimConfig, r: ResourcesConfig) -> list[str]:
             "lower resources.workers or optim.chunk"
         )
     return problems
+
+
+def _pretrain_problems(config: RunConfig) -> list[str]:
+    p, r = config.pretrain, config.resources
+    if not config.classification:
+        return ["algorithm = 'pretrain': pre-training a classifier needs a classification task, not sinusoid"]
+    if config.model.init_from is not None:
+        return ["model.init_from: for the episodic algorithms (a pretrain run starts from its seed); set it to null"]
+    if p.batch_size % r.workers:
+        rule = "each Ray Train worker takes batch_size / workers images a step"
+        return [
+            f"pretrain.batch_size = {p.batch_size}: must split equally over resources.workers = {r.workers} ({rule})"
+        ]
+    return []
 
 
 def _regression_problems(config: RunConfig) -> list[str]:

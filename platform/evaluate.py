@@ -17,7 +17,7 @@ import argparse
 import time
 from pathlib import Path
 
-from platform.algorithms import BN_STATS
+from platform.algorithms import BN_STATS, EMBEDDING_ALGORITHMS
 from platform.checkpoint import load_checkpoint
 from platform.cli import first_line, run
 from platform.config import ConfigError, RunConfig
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="inner steps (default: the run's optim.test_inner_steps)")
     parser.add_argument("--split", choices=("test", "val", "train"), default="test")
     parser.add_argument(
-        "--ways", type=int, help="classes per task (default: the run's; other values for protonet only)"
+        "--ways", type=int, help="classes per task (default: the run's; other values for protonet and pretrain only)"
     )
     parser.add_argument("--shots", type=int, help="support examples per class (default: the run's)")
     parser.add_argument("--query", type=int, help="query examples per class (default: the run's)")
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = f", {t.ways}-way {t.shots}-shot" if config.classification else f", K = {t.shots}"
     print(
         f"{config.algorithm} on {config.task.kind} ({args.split} split{shape}), iteration {state['iteration']}, "
-        f"{args.tasks} tasks{'' if config.algorithm == 'protonet' else f', {steps} inner step' + 's' * (steps != 1)}, "
+        f"{args.tasks} tasks{'' if config.algorithm in EMBEDDING_ALGORITHMS else f', {steps} inner step' + 's' * (steps != 1)}, "
         f"{config.model.bn_stats} statistics: "
         f"{format_eval(result, config.classification)} "
         f"(95% CI, {time.perf_counter() - start:.1f}s)"

@@ -6,10 +6,10 @@
 
 It is meta-test's computation (`platform.algorithms`' adapt_to / query_outputs, what `evaluate`
 runs): the run's inner rate (Meta-SGD: its learned per-parameter rates) for `optim.test_inner_steps`
-steps unless told otherwise; ProtoNets build prototypes.
+steps unless told otherwise; ProtoNets build prototypes; pretrain fits its probe (platform/probe.py).
 
 Labels are the user's own names (all strings or all integers, in any order). They are sorted, and
-the i-th name becomes class i. ProtoNets take any number of labels. A MAML-family model has a head
+the i-th name becomes class i. ProtoNets and pretrain take any number of labels. A MAML-family model has a head
 of as many outputs as the ways it was trained on: k < that many labels use the head's first k
 outputs (its first k rows, and Meta-SGD's rates for them), a k-way classifier whose softmax is over
 the user's labels only; more labels than outputs are an error.
@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from platform.algorithms import BN_STATS, INNER_LR, Params, build
+from platform.algorithms import BN_STATS, EMBEDDING_ALGORITHMS, INNER_LR, Params, build
 from platform.checkpoint import load_checkpoint
 from platform.config import ConfigError, RunConfig
 from platform.images import DataError, ImageFormat
@@ -129,7 +129,7 @@ class Learner:
     def head_outputs(self) -> int | None:
         """How many labels a task may have at most (None: any, ProtoNets)."""
         head = self.params.get("head.weight")
-        return None if head is None else head.shape[0]
+        return None if head is None or self.config.algorithm in EMBEDDING_ALGORITHMS else head.shape[0]
 
     def label_problems(self, count: int, field: str = "support_y") -> list[str]:
         """Why a task of `count` labels cannot be adapted to (none: it can)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from platform.algorithms import EMBEDDING_ALGORITHMS
 from platform.config import ConfigError, RunConfig, with_values
 from platform.engine import EVAL_METRICS, AdaptationWorker, flatten
 from platform.tasks import evaluation_seeds
@@ -41,11 +42,10 @@ def test_time_config(
     values = {f"task.{k}": v for k, v in {"ways": ways, "shots": shots, "query": query}.items() if v is not None}
     if not values:
         return config, ""
-    if ways is not None and ways != config.task.ways and config.algorithm != "protonet":
+    if ways is not None and ways != config.task.ways and config.algorithm not in EMBEDDING_ALGORITHMS:
         head = f"a {config.algorithm} model's classifier head has {config.task.ways} outputs"
-        raise ConfigError(
-            [f"--ways {ways}: {head} (trained {config.task.ways}-way); only protonet evaluates other ways"]
-        )
+        only = " and ".join(EMBEDDING_ALGORITHMS)
+        raise ConfigError([f"--ways {ways}: {head} (trained {config.task.ways}-way); only {only} evaluate other ways"])
     tested = with_values(config, values, "test-time settings")
     t, run = tested.task, config.task
     if (t.ways, t.shots, t.query) == (run.ways, run.shots, run.query):

@@ -272,8 +272,8 @@ def build_model(config: RunConfig) -> nn.Module:
     """The model a run config asks for. Parameters are initialised from torch's global RNG."""
     t, m = config.task, config.model
     out = 1 if t.kind == "sinusoid" else t.ways
-    if config.algorithm == "protonet":
-        out = None  # prototypes live in the embedding space: no classifier head
+    if config.algorithm in ("protonet", "pretrain"):
+        out = None  # prototypes and probes live in the embedding space (pretrain's own head: platform/pretrain.py)
     if t.kind == "sinusoid":
         model = MLP(1, m.width, out)
     else:

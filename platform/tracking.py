@@ -190,7 +190,8 @@ class MlflowTracker(Observer):
         val = record.val
         if self.config.classification:
             values = {"val/accuracy": val["accuracy"], "val/accuracy_ci95": val["accuracy_ci95"]}
-            values["val/accuracy_before_adaptation"] = val["accuracy_before"]
+            if "accuracy_before" in val:  # no "before" for an embedding's probe (algorithm pretrain)
+                values["val/accuracy_before_adaptation"] = val["accuracy_before"]
         else:
             values = {
                 "val/mse": val["loss"],

@@ -81,7 +81,10 @@ def resume_conflicts(saved: dict, config: RunConfig) -> list[str]:
     stored: with URL passwords redacted)."""
     now = config.redacted()
     conflicts = []
-    for section in ("seed", "task", "model", "algorithm", "optim"):
+    sections = ("seed", "task", "model", "algorithm", "optim") + (
+        ("pretrain",) if config.algorithm == "pretrain" else ()
+    )
+    for section in sections:
         before, after = saved.get(section), now[section]
         if isinstance(after, dict):
             keys = [k for k in after if (section, k) != ("optim", "iterations")]
@@ -90,7 +93,12 @@ def resume_conflicts(saved: dict, config: RunConfig) -> list[str]:
             pairs = [(section, before, after)]
         conflicts += [f"{key} = {a!r}: the checkpoint was trained with {b!r}" for key, b, a in pairs if a != b]
     workers = saved.get("resources", {}).get("workers")
-    if config.optim.chunk == "auto" and workers != config.resources.workers:
+    if config.algorithm == "pretrain" and workers != config.resources.workers:
+        conflicts.append(
+            f"resources.workers = {config.resources.workers}: the checkpoint was trained with {workers}, and each "
+            "Ray Train worker normalises its share of a batch by its own BatchNorm statistics (platform/pretrain.py)"
+        )
+    elif config.optim.chunk == "auto" and workers != config.resources.workers:
         conflicts.append(
             f"resources.workers = {config.resources.workers}: the checkpoint was trained with {workers}, and with "
             "optim.chunk auto the configured workers set the gradient chunks (fewer live workers are fine: "
@@ -140,12 +148,26 @@ class Progress:
         }
 
 
+def initial_model(config: RunConfig) -> tuple[dict[str, torch.nn.Parameter], torch.optim.Optimizer]:
+    """The initial parameters (from `config.seed`; the body from `model.init_from` when given) and their
+    optimiser, before any resume."""
+    if config.algorithm == "pretrain":
+        from platform.pretrain import initial_classifier
+
+        return initial_classifier(config)
+    _, _, initial = build(config)
+    if config.model.init_from:
+        from platform.pretrain import pretrained_body
+
+        initial |= pretrained_body(config)
+    params = {k: torch.nn.Parameter(v) for k, v in initial.items()}
+    return params, make_optimizer(config, list(params.values()))
+
+
 def initial_progress(config: RunConfig, store: CheckpointStore, start: dict | None, run_key: str | None) -> Progress:
     """A new run, or the one in `start` (a Tune trial's restore), or per `checkpoint.resume` the newest
     intact checkpoint in `store`."""
-    _, _, initial = build(config)
-    params = {k: torch.nn.Parameter(v) for k, v in initial.items()}
-    optimizer = make_optimizer(config, list(params.values()))
+    params, optimizer = initial_model(config)
     state, saved = start, {}
     if start is None and config.checkpoint.resume:
         if store.latest() is None:
@@ -234,17 +256,18 @@ def train(
     watch = Observers(default_observers(config) if observers is None else observers)
     store = CheckpointStore(config.checkpoint.dir, keep=config.checkpoint.keep)
     with store.exclusive():  # one run writes a folder at a time
+        if config.algorithm == "pretrain":
+            from platform.pretrain import pretrain  # imported here: Ray Train is slow to import
+
+            return pretrain(config, watch, store, start, run_key)
         return _train(config, watch, store, start, run_key)
 
 
-def _train(
-    config: RunConfig, watch: Observers, store: CheckpointStore, start: dict | None, run_key: str | None
-) -> dict:
-    progress = initial_progress(config, store, start, run_key)
-    writer = CheckpointWriter(store, report=warn, on_written=watch.on_checkpoint_written)
+def checkpointer(config: RunConfig, progress: Progress, watch: Observers, writer: CheckpointWriter):
+    """`checkpoint(final=False) -> location`: queue a checkpoint of the current state; a final one is
+    waited for (bounded)."""
 
     def checkpoint(final: bool = False) -> str:
-        """Queue a checkpoint of the current state; a final one is waited for (bounded)."""
         # An observer that has not started (no workers yet) keeps what it saved in the resumed checkpoint.
         observers = progress.observers | {k: v for k, v in watch.state().items() if v}
         where = writer.submit(progress.state(config, observers), progress.iteration)
@@ -254,6 +277,15 @@ def _train(
         watch.on_checkpoint(where, progress.iteration, wait)
         return where
 
+    return checkpoint
+
+
+def _train(
+    config: RunConfig, watch: Observers, store: CheckpointStore, start: dict | None, run_key: str | None
+) -> dict:
+    progress = initial_progress(config, store, start, run_key)
+    writer = CheckpointWriter(store, report=warn, on_written=watch.on_checkpoint_written)
+    checkpoint = checkpointer(config, progress, watch, writer)
     pool_type = execution(config)  # in-process or Ray actors, said in one line; Ray joined or started here
     stop = StopRequest()
     pool, failure, stopped = None, None, None
@@ -379,4 +411,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run(main)
+    # The main of the module `platform.train`, not of this `__main__` copy: platform.pretrain raises that
+    # module's RunEnded classes, which this copy's `except` clauses would not know.
+    from platform.train import main as module_main
+
+    run(module_main)

@@ -66,6 +66,11 @@ def sweep_problems(config: RunConfig, args) -> list[str]:
         problems.append(
             f"eval.every = {config.eval.every}: a sweep ranks trials by meta-validation; set 0 < eval.every <= optim.iterations"
         )
+    if config.algorithm == "pretrain":
+        problems.append(
+            "algorithm = 'pretrain': no sweeps of pretrain yet (a trial reserves adaptation actors, not a Ray "
+            "Train worker group); train it with python -m platform.train"
+        )
     if args.search == "optuna" and args.scheduler == "pbt":
         problems.append(
             "--search optuna with --scheduler pbt: PBT draws and mutates trials itself; use --search random"

@@ -526,7 +526,7 @@ def test_test_time_settings_of_evaluate():
     with pytest.raises(ConfigError) as e:
         test_time_config(base, 20, None, None)
     assert e.value.problems == [
-        "--ways 20: a maml model's classifier head has 5 outputs (trained 5-way); only protonet evaluates other ways"
+        "--ways 20: a maml model's classifier head has 5 outputs (trained 5-way); only protonet and pretrain evaluate other ways"
     ]
     with pytest.raises(ConfigError) as e:
         test_time_config(base, None, 0, None)
