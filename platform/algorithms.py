@@ -69,7 +69,7 @@ def _sum_over_tasks(model: nn.Module, params: Params, tasks: list[Task], task_gr
     total = {k: torch.zeros_like(v) for k, v in params.items()}
     loss_sum = acc_sum = 0.0
     for task in tasks:
-        with drawing_masks(model, task):
+        with drawing_masks(model, task.seed, task.support_x.device):
             grads, loss, acc = task_grad(params, task)
         for k, g in grads.items():
             if g is not None:  # a Meta-SGD rate of an unused parameter

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -24,9 +23,6 @@ from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 from platform.config import RunConfig
-
-if TYPE_CHECKING:
-    from platform.tasks import Task
 
 DROPBLOCK_SIZE = 5  # MetaOptNet's and RFS's block, in the 10x10 and 5x5 maps of stages 3-4 at 84x84
 
@@ -230,19 +226,19 @@ def drop_block(x: torch.Tensor, rate: float, size: int = DROPBLOCK_SIZE) -> torc
 
 
 @contextlib.contextmanager
-def drawing_masks(model: nn.Module, task: Task) -> Iterator[None]:
-    """One training task's forward and backward passes with the model's training-time masks (dropout,
-    DropBlock; none: nothing changes), drawn from torch's RNG seeded by the task's seed, so a task's
-    masks are a function of the task like its images: the same on any worker. Outside, the model is
-    in eval mode (build_model), without masks: meta-test, adaptation and serving are deterministic."""
+def drawing_masks(model: nn.Module, seed: int | None, device: torch.device) -> Iterator[None]:
+    """One training computation (a task's forward and backward passes, a pre-training step) with the
+    model's training-time masks (dropout, DropBlock; a model without them: nothing changes), drawn from
+    torch's RNG seeded by `seed` (a task's own seed), so they are a function of the task like its
+    images: the same on any worker. Outside, the model is in eval mode (build_model), without masks:
+    meta-test, adaptation and serving are deterministic."""
     if not getattr(model, "drop_rate", 0.0):
         yield
         return
-    if task.seed is None:
+    if seed is None:
         raise ValueError("model.dropblock draws a task's masks from its seed: this task has none")
-    device = task.support_x.device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(task.seed)
+        torch.manual_seed(seed)
         model.train()
         try:
             yield

@@ -44,7 +44,7 @@ from platform.config import ConfigError, RunConfig
 from platform.driver import IterationRecord, connect_ray
 from platform.images import augment
 from platform.metatest import format_eval, meta_test
-from platform.models import build_model
+from platform.models import build_model, drawing_masks
 from platform.observers import Observers
 from platform.splits import split_sizes
 from platform.streams import Stream
@@ -103,6 +103,11 @@ def training_images(config: RunConfig) -> TrainingImages:
 def epoch_order(seed: int, epoch: int, count: int) -> np.ndarray:
     """The examples of one epoch in the order they are used: a permutation owned by platform.streams."""
     return Stream("pretrain", seed, epoch).choice(count, count)
+
+
+def mask_seed(seed: int, step: int, rank: int) -> int:
+    """What worker `rank`'s training-time masks of SGD step `step` are drawn from (models.drawing_masks)."""
+    return Stream("pretrain-masks", seed, step, rank).words(1)[0] >> 1
 
 
 def batch_examples(config: RunConfig, step: int, count: int) -> np.ndarray:
@@ -268,7 +273,8 @@ def worker_loop(loop_config: dict) -> None:
     while step < o.iterations:
         began = time.perf_counter()
         x, y = shard(config, data, step, rank, world)
-        loss, correct = sgd_step(config, parallel, optimizer, x.to(device), y.to(device), step)
+        with drawing_masks(model, mask_seed(config.seed, step, rank), device):  # model.dropblock's, if any
+            loss, correct = sgd_step(config, parallel, optimizer, x.to(device), y.to(device), step)
         step += 1
         stop = rank == 0 and ray.get(channel.stop_requested.remote())
         totals = torch.tensor([loss, correct, len(y), float(stop)], dtype=torch.float64)

@@ -235,3 +235,28 @@ def test_a_lost_worker_is_restarted_but_our_own_error_in_a_worker_is_a_bug():
     )
     bug = WorkerGroupError("Training failed due to worker errors:", {1: ValueError("a bug")})
     assert not lost_workers(bug) and describe(bug) == "worker 1: ValueError: a bug"
+
+
+def test_a_pretraining_step_draws_its_dropblock_masks_from_seed_step_and_rank(cifar10_source):
+    """model.dropblock in pre-training: each worker's masks of a step come from (seed, step, rank), so a
+    step is reproducible (resumes stay exact) and differs from the same step without masks."""
+    from platform.models import drawing_masks
+    from platform.pretrain import mask_seed, sgd_step
+
+    base = [f"task.data={cifar10_source}", "task.image_size=16", "model.kind=resnet12", "model.width=2"]
+
+    def one_step(dropblock: float, rank: int) -> torch.Tensor:  # rank: whose masks (and share of the batch)
+        config = load_config(PRESET, [*base, f"model.dropblock={dropblock}"])
+        data = training_images(config)
+        model = classifier(config, data.classes)
+        optimizer = make_sgd(config, model.parameters())
+        x, y = shard(config, data, 0, rank, 2)
+        with drawing_masks(model, mask_seed(config.seed, 0, rank), torch.device("cpu")):
+            sgd_step(config, model, optimizer, x, y, 0)
+        assert not model.training  # back in eval mode: meta-validation draws no masks
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    masked = one_step(0.3, rank=0)
+    assert torch.equal(one_step(0.3, rank=0), masked)
+    assert not torch.equal(one_step(0.0, rank=0), masked)
+    assert mask_seed(0, 0, 0) != mask_seed(0, 0, 1) != mask_seed(0, 1, 0)
