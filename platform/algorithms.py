@@ -202,7 +202,7 @@ class GradientMetaLearner:
         instead of torch.func: each adapted parameter expanded to one copy per task, the tasks' losses
         summed (each task's inner gradient is then its own), and the meta-gradient's sum over tasks
         autograd's, through the expands. A third of vmap's time per call for the sinusoid's chunks,
-        and no torch._dynamo import at the first call (torch.func.grad's, ~1.7 s); the same
+        and no torch._dynamo import at an actor's first call (torch.func.grad's, ~1-2 s); the same
         meta-gradient to float64 rounding (tests/test_algorithms.py). The MLP normalises nothing, so
         bn_stats changes nothing here."""
         batch = [torch.stack([getattr(t, f) for t in tasks]) for f in ("support_x", "support_y", "query_x", "query_y")]

@@ -536,8 +536,8 @@ def test_vectorized_outer_grad_equals_the_task_loop(name):
 
 
 def test_the_mlps_batched_path_never_imports_torch_dynamo():
-    """torch.func.grad imports torch._dynamo at its first call (~1.7 s of a 15 s default run); the MLP's
-    batched path is plain autograd."""
+    """torch.func.grad imports torch._dynamo at its first call (~1-2 s of a Ray actor's start, which
+    makes no optimiser); the MLP's batched path is plain autograd."""
     code = (
         "import sys; from platform.config import RunConfig; from platform.algorithms import build; "
         "from platform.tasks import task_sampler; config = RunConfig(); _, algorithm, params = build(config); "
