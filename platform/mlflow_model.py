@@ -19,6 +19,8 @@ loaded model is the raw network. A bad request is an MlflowException with INVALI
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -36,6 +38,15 @@ from platform.learner import Learner, learner_from
 from platform.tasks import task_sampler
 
 ARTIFACTS = {"params": "params.pt", "config": "config.yaml"}
+
+# What MLflow prints at every save of this model, which tells a user of a run nothing: the pickling
+# warning (the pickled object is AdaptingModel, this module's own class, loaded by this code) and the
+# input example's validation notice (a schema check of a few ms); and a progress bar for each local
+# artifact copy (params.pt, config.yaml: a few KB). Kept quiet for every process that saves or loads
+# it (a user's MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR wins).
+QUIET_NOTICES = ("Passing a Python object as `python_model`", "Validating input example against model signature")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+logging.getLogger("mlflow.pyfunc").addFilter(lambda record: not record.getMessage().startswith(QUIET_NOTICES))
 
 
 def requirements() -> list[str]:

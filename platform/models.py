@@ -90,6 +90,21 @@ class MLP(nn.Module):
         features = self.body(x, stats_rows)
         return self.head(features) if self.head is not None else features
 
+    def batched(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """`forward` for T tasks at once with the parameters given: x is (T, n, ...) and each parameter
+        either shared (its own shape) or per task (a leading T); row t is task t's forward."""
+        if self.body.normalises_pixels:
+            x = (x - self.body.pixel_mean) / self.body.pixel_std
+        x = x.flatten(2)  # the body's Flatten, per task
+        layers = [(f"body.{i}", layer) for i, layer in enumerate(self.body)] + [("head", self.head)]
+        for name, layer in layers:
+            if isinstance(layer, nn.Linear):
+                weight, bias = params[f"{name}.weight"], params[f"{name}.bias"]  # shared, or per task: baddbmm
+                x = F.linear(x, weight, bias) if weight.dim() == 2 else torch.baddbmm(bias.unsqueeze(-2), x, weight.mT)
+            elif isinstance(layer, nn.ReLU):
+                x = F.relu(x)
+        return x
+
 
 class BatchNorm(nn.BatchNorm2d):
     """BatchNorm2d with the batch's statistics (no running averages, as in the MAML paper), always

@@ -8,6 +8,7 @@ the classes of each split come from platform.splits.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,20 +59,21 @@ class SinusoidTasks:
     def __init__(self, split: str, shots: int, query: int):
         self.split, self.shots, self.query = split, shots, query
 
-    def _draw(self, seed: int):
-        stream = Stream("task", self.split, seed)
-        (amplitude,), (phase,) = stream.uniform(0.1, 5.0, 1), stream.uniform(0.0, np.pi, 1)
-        return stream, lambda x: amplitude * np.sin(x - phase)
+    def _draw(self, seed: int) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
+        """The task's x (shots + query of them, float64) and its curve: one read of its stream (words 0
+        and 1 the amplitude and phase, then the x), the same words as drawing them one by one."""
+        f = Stream("task", self.split, seed).fractions(2 + self.shots + self.query)
+        amplitude, phase = 0.1 + (5.0 - 0.1) * f[0], np.pi * f[1]
+        return -5.0 + 10.0 * f[2:], lambda x: amplitude * np.sin(x - phase)
 
     def curve(self, seed: int, x: np.ndarray) -> np.ndarray:
         """The task's true function at `x` (for pictures: a task itself holds only its samples)."""
         return self._draw(seed)[1](x)
 
     def sample(self, seed: int) -> Task:
-        stream, curve = self._draw(seed)
-        x = stream.uniform(-5.0, 5.0, self.shots + self.query).reshape(-1, 1).astype(np.float32)
-        y = curve(x).astype(np.float32)
-        x, y = torch.from_numpy(x), torch.from_numpy(y)
+        x, curve = self._draw(seed)
+        x = x.reshape(-1, 1).astype(np.float32)
+        x, y = torch.from_numpy(x), torch.from_numpy(curve(x).astype(np.float32))
         return Task(x[: self.shots], y[: self.shots], x[self.shots :], y[self.shots :])
 
 

@@ -6,11 +6,15 @@ and inputs give float64 results whatever the module's own dtype.
 """
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO
 from torch.func import functional_call
 
 from benchmarks.reference import ref_body, ref_head
@@ -500,32 +504,48 @@ def test_outer_grad_of_a_list_is_the_sum_over_its_tasks(name):
     assert all(torch.equal(params[k], v) for k, v in double(algo.init_params()).items())  # inputs untouched
 
 
-VMAP_CASES = {
-    "maml-mlp": (lambda: maml(mlp(), steps=2), False),
-    "fomaml-mlp": (lambda: maml(mlp(), steps=2, first_order=True), False),
-    "metasgd-mlp": (lambda: maml(mlp(), steps=2, learn_inner_lr=True), False),
-    "maml-conv4": (lambda: maml(Conv4(1, 4, 3), inner_lr=0.3, steps=2, classification=True), True),
-    "fomaml-conv4": (lambda: maml(Conv4(1, 4, 3), inner_lr=0.3, first_order=True, classification=True), True),
-    "anil-conv4": (lambda: maml(Conv4(1, 4, 3), inner_lr=0.3, steps=2, classification=True, head_only=True), True),
-    "metasgd-conv4": (lambda: maml(Conv4(1, 4, 3), inner_lr=0.3, classification=True, learn_inner_lr=True), True),
+IMAGES_28 = lambda seed: image_task(seed, size=28)
+VMAP_CASES = {  # the MLP's cases take the batched-matmul path (models.MLP.batched), conv4's torch.func.vmap
+    "maml-mlp": (lambda: maml(mlp(), steps=2), regression_task),
+    "fomaml-mlp": (lambda: maml(mlp(), steps=2, first_order=True), regression_task),
+    "anil-mlp": (lambda: maml(mlp(), steps=2, head_only=True), regression_task),
+    "metasgd-mlp": (lambda: maml(mlp(), steps=2, learn_inner_lr=True), regression_task),
+    "maml-mlp-classes": (lambda: maml(mlp(16, out=3), inner_lr=0.3, steps=2, classification=True), image_task),
+    "maml-conv4": (lambda: maml(Conv4(1, 4, 3), inner_lr=0.3, steps=2, classification=True), IMAGES_28),
+    "fomaml-conv4": (lambda: maml(Conv4(1, 4, 3), inner_lr=0.3, first_order=True, classification=True), IMAGES_28),
+    "anil-conv4": (lambda: maml(Conv4(1, 4, 3), inner_lr=0.3, steps=2, classification=True, head_only=True), IMAGES_28),
+    "metasgd-conv4": (lambda: maml(Conv4(1, 4, 3), inner_lr=0.3, classification=True, learn_inner_lr=True), IMAGES_28),
 }
 
 
 @pytest.mark.parametrize("name", list(VMAP_CASES))
 def test_vectorized_outer_grad_equals_the_task_loop(name):
-    """resources.vectorize=vmap: one batched torch.func computation, the same meta-gradient as the loop."""
-    make, classification = VMAP_CASES[name]
+    """resources.vectorize=vmap: one batched computation, the same meta-gradient as the loop."""
+    make, task = VMAP_CASES[name]
     torch.manual_seed(0)
     loop = make()
     batched = dataclasses.replace(loop, vectorized=True)
     params = double(loop.init_params())
-    tasks = [image_task(s, size=28) if classification else regression_task(s) for s in (30, 31, 32)]
+    tasks = [task(s) for s in (30, 31, 32)]
     expected, expected_metrics = loop.outer_grad(params, tasks)
     grads, metrics = batched.outer_grad(params, tasks)
     assert_params_close(grads, expected, rtol=1e-10, atol=1e-13)
     assert metrics["tasks"] == 3
     assert metrics["loss"] == pytest.approx(expected_metrics["loss"], rel=1e-10)
     assert metrics["accuracy"] == pytest.approx(expected_metrics["accuracy"], rel=1e-6)  # float32 means
+
+
+def test_the_mlps_batched_path_never_imports_torch_dynamo():
+    """torch.func.grad imports torch._dynamo at its first call (~1-2 s of a Ray actor's start, which
+    makes no optimiser); the MLP's batched path is plain autograd."""
+    code = (
+        "import sys; from platform.config import RunConfig; from platform.algorithms import build; "
+        "from platform.tasks import task_sampler; config = RunConfig(); _, algorithm, params = build(config); "
+        "sampler = task_sampler(config.task, 'train'); "
+        "assert algorithm.vectorized; algorithm.outer_grad(params, [sampler.sample(s) for s in range(3)]); "
+        "assert 'torch._dynamo' not in sys.modules, 'imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env=os.environ | {"PYTHONPATH": str(REPO)})
 
 
 def test_vectorize_auto_batches_on_gpus_and_for_the_mlp():

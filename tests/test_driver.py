@@ -26,6 +26,21 @@ def test_sgd_step_uses_the_mean_over_the_meta_batch():
     assert torch.allclose(params["b"].detach(), -0.5 * torch.tensor([[1.0]]))
 
 
+def test_the_multi_tensor_optimizers_step_bitwise_as_the_for_loop():
+    """make_optimizer's foreach kernels change the speed, never a bit of the parameters."""
+    for name, loop in (("adam", torch.optim.Adam), ("sgd", torch.optim.SGD)):
+        config, params, optimizer = setup(f"optim.outer_optimizer={name}", "optim.outer_lr=0.01")
+        reference = {k: torch.nn.Parameter(v.detach().clone()) for k, v in params.items()}
+        reference_optimizer = loop(list(reference.values()), lr=0.01, foreach=False)
+        rows = torch.Generator().manual_seed(0)
+        for iteration in range(50):
+            grads = (torch.randn(1, 3, generator=rows) * 10.0 ** (iteration % 7 - 4)).numpy()
+            apply_meta_gradient(params, grads, optimizer, config, iteration)
+            apply_meta_gradient(reference, grads, reference_optimizer, config, iteration)
+        assert all(torch.equal(params[k], reference[k]) for k in params), name
+        assert params["a"].abs().min() > 0  # it did step
+
+
 def test_gradient_clipping_bounds_the_global_norm():
     config, params, optimizer = setup("optim.outer_optimizer=sgd", "optim.outer_lr=1", "optim.grad_clip=1")
     apply_meta_gradient(params, np.array([[40, 0, 30]], np.float32), optimizer, config, 0)

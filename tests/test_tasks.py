@@ -125,6 +125,8 @@ def test_stream_words_are_sha256_in_counter_mode():
     assert words == expected
     stream = Stream("task", "train", 7)
     assert stream.words(1) + stream.words(4) + stream.words(1) == expected  # any cut, the same stream
+    cut = Stream("task", "train", 7)
+    assert cut.words(1) == expected[:1] and cut.fractions(5).tolist() == [(w >> 11) * 2.0**-53 for w in expected[1:]]
     assert Stream("task", "val", 7).words(1)[0] != words[0] and Stream("iteration", "train", 7).words(1)[0] != words[0]
 
 

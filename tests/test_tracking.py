@@ -26,6 +26,7 @@ from platform.checkpoint import CheckpointStore
 from platform.config import RunConfig
 from platform.driver import IterationRecord
 from platform.learner import load_learner
+from platform.mlflow_model import QUIET_NOTICES
 
 ITERATIONS = 200
 BASE = [
@@ -76,6 +77,8 @@ def test_the_embedded_default_needs_no_server(ray_cluster, tmp_path):
     out = finish(track(ray_cluster, location))
     store = f"sqlite:///{tmp_path / 'mlruns.db'}"
     assert f"open the MLflow UI on it: mlflow ui --backend-store-uri {store}" in out
+    for notice in ("Downloading artifacts", *QUIET_NOTICES):  # MLflow's chatter at the model's save and log
+        assert notice not in out
     client = MlflowClient(store)
     run = the_run(client, out)
     assert run.info.status == "FINISHED"
