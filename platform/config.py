@@ -464,6 +464,9 @@ def check(config: RunConfig) -> list[str]:
             f"resources.vectorize = 'vmap': not available for algorithm {config.algorithm!r} "
             f"(only {', '.join(VECTORIZABLE)}); use 'auto' or 'loop'"
         )
+    if config.model.kind == "mlp" and (config.model.recompute or config.model.precision != "fp32"):
+        field = "model.recompute = True" if config.model.recompute else f"model.precision = {config.model.precision!r}"
+        problems.append(f"{field}: for the convolutional bodies (conv4, resnet12); the MLP has no blocks")
     if config.model.dropblock and config.model.kind != "resnet12":
         problems.append(f"model.dropblock = {config.model.dropblock}: only for model.kind 'resnet12'")
     if r.vectorize == "vmap" and config.model.dropblock:

@@ -959,11 +959,16 @@ def test_recomputed_blocks_give_the_same_bits_and_keep_only_block_inputs(name):
 
 
 def test_recompute_and_vmap_do_not_go_together():
-    """torch.func's transforms refuse checkpointing's saved-tensor hooks: auto keeps the loop, vmap is refused."""
-    config = load_config(None, ["model.recompute=true"])
+    """torch.func's transforms refuse checkpointing's saved-tensor hooks: auto keeps the loop, vmap is refused;
+    the MLP has no blocks to recompute (nor to run in bf16)."""
+    config = RunConfig.model_validate({"task": {"kind": "omniglot"}, "model": {"kind": "conv4", "recompute": True}})
     assert not vectorized(config, "cpu") and not vectorized(config, "cuda")
+    conv4 = ["task.kind=omniglot", "model.kind=conv4", "model.recompute=true"]
     with pytest.raises(Exception, match="resources.vectorize = 'vmap': not with model.recompute"):
-        load_config(None, ["model.recompute=true", "resources.vectorize=vmap"])
+        load_config(None, [*conv4, "resources.vectorize=vmap"])
+    for field in ("model.recompute=true", "model.precision=bf16"):
+        with pytest.raises(Exception, match="for the convolutional bodies .conv4, resnet12.; the MLP has no blocks"):
+            load_config(None, [field])
 
 
 @pytest.mark.parametrize("name", ["fomaml", "protonet"])
