@@ -18,8 +18,9 @@ CIFAR-100's `cifar-100-python.tar.gz` and CUB's `CUB_200_2011.tgz` (md5-verified
 official one, CIFAR100_URL or CUB_URL; other URLs are NOT verified).
 
 Listing a benchmark (image counts per class, to check a config) decodes no image and downloads nothing
-(the published counts until the files are in the download cache); loading goes through platform.data's cache like every image source (decoded once per node, keyed by the content of the
-files and the format). Classes are named "<split>/<class>" and come train, val, test in that order.
+(the published counts until the files are in the download cache); loading goes through platform.data's
+cache like every image source (decoded once per node, keyed by the content of the files and the format).
+Classes are named "<split>/<class>" and come train, val, test in that order.
 Pickles are read with an unpickler that builds plain data only: a pickle from the internet runs no code.
 """
 
@@ -65,7 +66,6 @@ EXPECTED = {
     "fc100": "cifar-100-python/ (train, test and meta) from https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
     "cub": "CUB_200_2011/ (images/, images.txt, classes.txt) from the CUB-200-2011 archive",
 }
-# What an http(s) or s3:// base URL must serve, per kind (tieredimagenet has no single published file).
 MINIIMAGENET_PICKLES = tuple(f"mini-imagenet-cache-{split}.pkl" for split in SPLITS)
 # CIFAR-100's python archive: `<base>/cifar-100-python.tar.gz`, the official base verified by its published
 # md5 (the one torchvision checks); 600 images per fine class, 5 fine classes per superclass.
@@ -82,6 +82,7 @@ CUB_MD5 = "97eceeb196236b17998738112f37df78"
 CUB_CLASSES = 200
 # Ravi & Larochelle's split of Vinyals et al.'s 100 classes of 600 images each.
 MINIIMAGENET_CLASSES, MINIIMAGENET_IMAGES_PER_CLASS = {"train": 64, "val": 16, "test": 20}, 600
+# What an http(s) or s3:// base URL must serve, per kind (tieredimagenet has no published file to download).
 REMOTE_FILES = {
     "miniimagenet": MINIIMAGENET_PICKLES,
     "cifarfs": (CIFAR100_ARCHIVE,),
