@@ -596,7 +596,7 @@ def _task_problems(config: RunConfig) -> list[str]:
         if t.ways > sizes[split]:
             problems.append(f"task.ways = {t.ways}: more than the {sizes[split]} classes of the {t.kind} {split} split")
             break
-    if t.shots + t.query > per_class:
+    if per_class is not None and t.shots + t.query > per_class:  # None: counted once downloaded
         problems.append(
             f"task.shots + task.query = {t.shots} + {t.query}: more than the {per_class} images per {t.kind} class"
         )

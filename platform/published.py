@@ -1,5 +1,7 @@
 """The published few-shot benchmarks, read in the layouts they are distributed in, from a local folder
-(`task.data`; CIFAR-100's archive also from an http(s) or s3:// base URL, as Omniglot's zips):
+(`task.data`), or (all but tieredimagenet) from an http(s) or s3:// base URL serving the files named in
+REMOTE_FILES, downloaded once per node into the download cache as Omniglot's zips (archives extracted
+once beside them):
 
 * miniimagenet: Ravi & Larochelle's `train.csv`, `val.csv`, `test.csv` (`filename,label` rows) beside
   `images/`; or, without the CSVs, the shared pickle caches `mini-imagenet-cache-{train,val,test}.pkl`
@@ -11,9 +13,14 @@
 * cub: `CUB_200_2011/` (or its contents: `images/`, `images.txt`, `classes.txt`), split by
   Chen et al.'s rule (platform/split_lists/README.md).
 
-Listing a benchmark (image counts per class, to check a config) decodes no image; loading goes through
-platform.data's cache like every image source (decoded once per node, keyed by the content of the
-files and the format). Classes are named "<split>/<class>" and come train, val, test in that order.
+From a URL: miniimagenet's three pickle caches (no checksum is published for them: never verified),
+CIFAR-100's `cifar-100-python.tar.gz` and CUB's `CUB_200_2011.tgz` (md5-verified when the base is the
+official one, CIFAR100_URL or CUB_URL; other URLs are NOT verified).
+
+Listing a benchmark (image counts per class, to check a config) decodes no image and downloads nothing
+(the published counts until the files are in the download cache); loading goes through platform.data's
+cache like every image source (decoded once per node, keyed by the content of the files and the format).
+Classes are named "<split>/<class>" and come train, val, test in that order.
 Pickles are read with an unpickler that builds plain data only: a pickle from the internet runs no code.
 """
 
@@ -29,7 +36,7 @@ import tarfile
 import tempfile
 import zlib
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +45,7 @@ import numpy as np
 from platform.data import (
     Classes,
     ImageClasses,
+    cache_dir,
     cached_classes,
     check_downloads,
     download,
@@ -45,7 +53,6 @@ from platform.data import (
     list_image_folder,
     source_kind,
 )
-from platform.files import atomic_write
 from platform.images import DataError, ImageFormat
 
 SPLITS = ("train", "val", "test")
@@ -59,6 +66,7 @@ EXPECTED = {
     "fc100": "cifar-100-python/ (train, test and meta) from https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
     "cub": "CUB_200_2011/ (images/, images.txt, classes.txt) from the CUB-200-2011 archive",
 }
+MINIIMAGENET_PICKLES = tuple(f"mini-imagenet-cache-{split}.pkl" for split in SPLITS)
 # CIFAR-100's python archive: `<base>/cifar-100-python.tar.gz`, the official base verified by its published
 # md5 (the one torchvision checks); 600 images per fine class, 5 fine classes per superclass.
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz"
@@ -66,6 +74,22 @@ CIFAR100_ARCHIVE = "cifar-100-python.tar.gz"
 CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 CIFAR100_PARTS = ("train", "test", "meta")
 CIFAR100_IMAGES_PER_CLASS, CIFAR100_CLASSES_PER_SUPERCLASS = 600, 5
+# CUB-200-2011's archive: `<base>/CUB_200_2011.tgz`, the official base (CaltechDATA) verified by the md5
+# the CUB loaders check (e.g. avalanche's CUB200); 200 classes, their image counts vary.
+CUB_URL = "https://data.caltech.edu/records/65de6-vp158/files"
+CUB_ARCHIVE = "CUB_200_2011.tgz"
+CUB_MD5 = "97eceeb196236b17998738112f37df78"
+CUB_CLASSES = 200
+# Ravi & Larochelle's split of Vinyals et al.'s 100 classes of 600 images each.
+MINIIMAGENET_CLASSES, MINIIMAGENET_IMAGES_PER_CLASS = {"train": 64, "val": 16, "test": 20}, 600
+# What an http(s) or s3:// base URL must serve, per kind (tieredimagenet has no published file to download).
+REMOTE_FILES = {
+    "miniimagenet": MINIIMAGENET_PICKLES,
+    "cifarfs": (CIFAR100_ARCHIVE,),
+    "fc100": (CIFAR100_ARCHIVE,),
+    "cub": (CUB_ARCHIVE,),
+}
+OFFICIAL = {CIFAR100_ARCHIVE: (CIFAR100_URL, CIFAR100_MD5), CUB_ARCHIVE: (CUB_URL, CUB_MD5)}
 # What a plain data pickle may name: NumPy's array reconstruction (and the bytes codec protocol 2 uses).
 _PICKLE_GLOBALS = {
     (module, name)
@@ -84,22 +108,23 @@ class _Found:
     counts: Callable[[], dict[str, list[int]]]  # split -> images per class, in the same order
 
 
-def benchmark_counts(kind: str, source: str | Path) -> dict[str, list[int]]:
+def benchmark_counts(kind: str, source: str | Path) -> dict[str, list[int | None]]:
     """Images per class of each split (train, val, test), in class order; decodes no image. A URL source
-    is not fetched for this: until it is in the download cache, its URL is checked (check_downloads)
-    and the counts are the published ones, checked against the files when they are loaded."""
+    is not fetched for this: until its files are in the download cache, their URLs are checked
+    (check_downloads) and the counts are the published ones (None where they are not published: CUB's
+    differ by class), checked against the files by the first check that finds them downloaded."""
     source = str(source)
     if source_kind(source) != "folder":
-        url = _archive_url(kind, source)
-        check_downloads(source, [url])
-        if not download_path(url).exists():
+        urls = _remote_urls(kind, source)
+        check_downloads(source, urls)
+        if not all(download_path(url).exists() for url in urls):
             return _published_counts(kind)
-    return _find(kind, _local_root(kind, source)).counts()
+    return _found(kind, source).counts()
 
 
 def load_benchmark(kind: str, source: str | Path, image_format: ImageFormat) -> ImageClasses:
     """All classes of the benchmark in `image_format`, train then val then test (see split_classes)."""
-    found = _find(kind, _local_root(kind, str(source)))
+    found = _found(kind, str(source))
     return cached_classes(kind, image_format, found.key_files, found.classes)
 
 
@@ -108,32 +133,77 @@ def split_classes(images: ImageClasses, split: str) -> np.ndarray:
     return np.array([i for i, name in enumerate(images.names) if name.startswith(f"{split}/")], dtype=np.int64)
 
 
-def _local_root(kind: str, source: str) -> Path:
-    """The local folder of a source: itself, or the downloaded archive extracted in the download cache."""
+def _found(kind: str, source: str) -> _Found:
+    """The benchmark in a local folder, or at a base URL: its files downloaded (archives extracted) once per node."""
     if source_kind(source) == "folder":
-        return Path(source).expanduser()
-    expected = CIFAR100_MD5 if source.rstrip("/") == CIFAR100_URL else None  # other URLs are not verified
-    return _extracted(download(_archive_url(kind, source), expected))
+        return _find(kind, Path(source).expanduser())
+    downloads = [download(url, _official_md5(source, url)) for url in _remote_urls(kind, source)]
+    if kind == "miniimagenet":
+        return _pickle_caches(downloads)
+    return _find(kind, _extracted(downloads[0], REMOTE_FILES[kind][0]))
 
 
-def _archive_url(kind: str, source: str) -> str:
-    if kind not in ("cifarfs", "fc100"):
+def _remote_urls(kind: str, source: str) -> list[str]:
+    if kind not in REMOTE_FILES:
         raise DataError(
             f"{source}: task.kind {kind} reads a local folder (holding {EXPECTED[kind]}); download the data set "
             "there and give that folder"
         )
-    return f"{source.rstrip('/')}/{CIFAR100_ARCHIVE}"
+    return [f"{source.rstrip('/')}/{name}" for name in REMOTE_FILES[kind]]
 
 
-def _published_counts(kind: str) -> dict[str, list[int]]:
+def _official_md5(source: str, url: str) -> str | None:
+    """The published md5 of a file from its official base URL; None (not verified) for any other URL."""
+    official = OFFICIAL.get(url.rsplit("/", 1)[1])
+    return official[1] if official and source.rstrip("/") == official[0] else None
+
+
+def _published_counts(kind: str) -> dict[str, list[int | None]]:
+    if kind == "miniimagenet":
+        return {split: [MINIIMAGENET_IMAGES_PER_CLASS] * n for split, n in MINIIMAGENET_CLASSES.items()}
+    if kind == "cub":
+        splits = [_cub_split(position) for position in range(CUB_CLASSES)]
+        return {split: [None] * splits.count(split) for split in SPLITS}
     listed = json.loads((SPLIT_LISTS / f"{kind}.json").read_text())
     per_entry = 1 if kind == "cifarfs" else CIFAR100_CLASSES_PER_SUPERCLASS
     return {split: [CIFAR100_IMAGES_PER_CLASS] * (per_entry * len(listed[split])) for split in SPLITS}
 
 
-def _extracted(archive: Path) -> Path:
-    """The pickles of a downloaded CIFAR-100 archive, extracted once beside it (`<archive>.d/cifar-100-python/`):
-    one extractor at a time (a file lock), published with one atomic rename."""
+# --- downloaded archives --------------------------------------------------------------------------
+
+
+def _cifar100_member(name: str) -> bool:
+    return name in {f"cifar-100-python/{part}" for part in CIFAR100_PARTS}
+
+
+def _cub_member(name: str) -> bool:
+    """CUB's two lists and images/<class>/<image> (not its parts, attributes, segmentations)."""
+    parts = name.split("/")
+    if parts[0] != "CUB_200_2011" or any(part in ("", ".", "..") for part in parts):
+        return False
+    return parts[1:] in (["images.txt"], ["classes.txt"]) or (len(parts) == 4 and parts[1] == "images")
+
+
+# archive -> (which members are extracted, those it must have, what the source must serve)
+_ARCHIVES = {
+    CIFAR100_ARCHIVE: (
+        _cifar100_member,
+        [f"cifar-100-python/{part}" for part in CIFAR100_PARTS],
+        "CIFAR-100's python archive",
+    ),
+    CUB_ARCHIVE: (
+        _cub_member,
+        ["CUB_200_2011/classes.txt", "CUB_200_2011/images.txt"],
+        "the CUB-200-2011 archive",
+    ),
+}
+
+
+def _extracted(archive: Path, name: str) -> Path:
+    """What the benchmark reads of a downloaded archive (`name`: which one), extracted once beside it
+    (`<archive>.d/cifar-100-python/`, `<archive>.d/CUB_200_2011/`): one extractor at a time (a file lock),
+    published with one atomic rename."""
+    wanted, required, what = _ARCHIVES[name]
     dest = archive.with_name(f"{archive.name}.d")
     if dest.is_dir():
         return dest
@@ -143,12 +213,16 @@ def _extracted(archive: Path) -> Path:
             if not dest.is_dir():  # another process may have extracted it while we waited
                 for stale in dest.parent.glob(f".{dest.name}-*"):  # we hold the lock: their extractors died
                     shutil.rmtree(stale)
-                members = _cifar100_members(archive)
                 tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
                 try:
-                    (tmp / "cifar-100-python").mkdir()
-                    for name, content in members.items():
-                        atomic_write(tmp / "cifar-100-python" / name, content)
+                    extracted = set()
+                    for member, content in _archive_members(archive, wanted):
+                        (tmp / member).parent.mkdir(parents=True, exist_ok=True)
+                        (tmp / member).write_bytes(content)  # the folder is published whole: no file is half-written
+                        extracted.add(member)
+                    missing = [member for member in required if member not in extracted]
+                    if missing:
+                        raise DataError(f"{archive}: no {missing[0]} in it; the source must serve {what}")
                     os.chmod(tmp, 0o755)  # mkdtemp makes it private
                     os.rename(tmp, dest)
                 except BaseException:
@@ -162,22 +236,18 @@ def _extracted(archive: Path) -> Path:
     return dest
 
 
-def _cifar100_members(archive: Path) -> dict[str, bytes]:
-    wanted = {f"cifar-100-python/{name}": name for name in CIFAR100_PARTS}
-    members = {}
+def _archive_members(archive: Path, wanted: Callable[[str], bool]) -> Iterator[tuple[str, bytes]]:
+    """(name, content) of the wanted files of a tar.gz, one at a time; a read error is a DataError (and the
+    writer's errors, raised outside this generator, stay OSErrors: a full disk is not a corrupt archive)."""
     try:
         with tarfile.open(archive, "r:gz") as tar:
             for member in tar:
-                if member.name in wanted and member.isfile():
-                    members[wanted[member.name]] = tar.extractfile(member).read()
+                if member.isfile() and wanted(member.name):
+                    yield member.name, tar.extractfile(member).read()
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         raise DataError(
             f"{archive}: not a readable tar.gz ({e}); delete it from the download cache to fetch it again"
         ) from None
-    missing = [f"cifar-100-python/{name}" for name in CIFAR100_PARTS if name not in members]
-    if missing:
-        raise DataError(f"{archive}: no {missing[0]} in it; the source must serve CIFAR-100's python archive")
-    return members
 
 
 def _find(kind: str, root: Path) -> _Found:
@@ -233,7 +303,7 @@ def _disjoint(splits: dict[str, list[str]], where: Path) -> None:
 def _miniimagenet(root: Path) -> _Found:
     if any((root / f"{split}.csv").exists() for split in SPLITS) or (root / "images").is_dir():
         return _miniimagenet_csv(root)
-    pickles = [root / f"mini-imagenet-cache-{split}.pkl" for split in SPLITS]
+    pickles = [root / name for name in MINIIMAGENET_PICKLES]
     if not any(p.exists() for p in pickles):
         raise DataError(
             f"{root}: holds no miniImageNet files; give task.data = the folder holding {EXPECTED['miniimagenet']}"
@@ -241,8 +311,15 @@ def _miniimagenet(root: Path) -> _Found:
     for path in pickles:
         if not path.is_file():
             raise DataError(f"{path}: not found; the pickle caches come as a set of three: {EXPECTED['miniimagenet']}")
+    return _pickle_caches(pickles)
+
+
+def _pickle_caches(pickles: list[Path]) -> _Found:
+    """The three pickle caches (train, val, test), from a folder or downloaded (keyed by their published names)."""
     return _Found(
-        [(p.name, p) for p in pickles], lambda: _miniimagenet_pickle_classes(pickles), lambda: _pickle_counts(pickles)
+        list(zip(MINIIMAGENET_PICKLES, pickles)),
+        lambda: _miniimagenet_pickle_classes(pickles),
+        lambda: _pickle_counts(pickles),
     )
 
 
@@ -528,7 +605,13 @@ def _unpickle(path: Path, shape: str) -> dict:
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
     except _UNPICKLING_ERRORS as e:
-        raise DataError(f"{path}: not a readable data pickle ({e}); replace it with a complete copy") from None
+        raise DataError(f"{path}: not a readable data pickle ({e}); {_remedy(path)}") from None
     if not isinstance(data, dict):
         raise DataError(f"{path}: holds a {type(data).__name__}; {shape}")
     return {_text(k): v for k, v in data.items()}
+
+
+def _remedy(path: Path) -> str:
+    """What to do with a broken file: a download is fetched again once deleted from the download cache."""
+    downloaded = path.is_relative_to(cache_dir() / "downloads")
+    return "delete it from the download cache to fetch it again" if downloaded else "replace it with a complete copy"

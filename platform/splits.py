@@ -86,7 +86,8 @@ def split_sizes(task: TaskConfig) -> dict[str, int]:
 
 
 def images_per_class(task: TaskConfig) -> int | None:
-    """The fewest images any class (of a split) has (None for regression)."""
+    """The fewest images any class (of a split) has (None for regression, and for a benchmark whose counts
+    are not published and not downloaded yet: CUB from a URL)."""
     if task.kind == "omniglot":
         return OMNIGLOT_IMAGES_PER_CLASS
     if task.kind == "folder":
@@ -94,7 +95,8 @@ def images_per_class(task: TaskConfig) -> int | None:
         used = {i for split in TASK_SPLITS for i in folder_split(task, [name for name, _ in listing], split)}
         return min(len(listing[i][1]) for i in used)
     if task.kind in BENCHMARKS:
-        return min(min(counts, default=0) for counts in benchmark_counts(task.kind, data_source(task)).values())
+        counts = benchmark_counts(task.kind, data_source(task)).values()
+        return None if any(None in split for split in counts) else min(min(split, default=0) for split in counts)
     return None
 
 

@@ -1,7 +1,6 @@
 """Tests of platform.published on tiny files in the benchmarks' exact published layouts (tests/benchmark_files.py):
 what is listed, what is loaded and split, the shipped split lists, and every broken file as one clear DataError."""
 
-import functools
 import io
 import json
 import pickle
@@ -9,13 +8,13 @@ import re
 import subprocess
 import sys
 import tarfile
-import threading
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import benchmark_files as bf
+import boto3
 import numpy as np
 import pytest
 from PIL import Image
+from services import file_server
 
 from platform import published, splits, tasks
 from platform.config import ConfigError, TaskConfig, load_config
@@ -279,65 +278,153 @@ def test_a_missing_benchmark_is_exit_2_naming_what_it_needs(tmp_path):
     assert f"{tmp_path}/train: not found; task.kind cifarfs needs cifar-100-python/" in result.stderr
 
 
-# --- CIFAR-100's archive from a URL ---------------------------------------------------------------------
+# --- from a URL: CIFAR-100's and CUB's archives, miniImageNet's pickles -----------------------------------
 
 
 @pytest.fixture
 def served(tmp_path):
-    """(folder, base URL, stop): a plain http server on loopback serving the folder."""
-
-    class Quiet(SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    folder = tmp_path / "served"
-    folder.mkdir()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=folder))
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    yield folder, f"http://127.0.0.1:{server.server_port}/cifar", server.shutdown
-    server.shutdown()
-    server.server_close()
+    """(folder, base URL): the loopback file server (tests/services.py) serving the folder."""
+    folder = tmp_path / "served" / "data"
+    folder.mkdir(parents=True)
+    with file_server(tmp_path / "served") as base:
+        yield folder, f"{base}/data"
 
 
 def cifar_archive(tmp_path, folder):
     """`folder`/cifar-100-python.tar.gz made of a stand-in archive, as the official one is laid out."""
-    root = bf.cifar100(tmp_path / "source")
-    (folder / "cifar").mkdir()
-    with tarfile.open(folder / "cifar" / published.CIFAR100_ARCHIVE, "w:gz") as tar:
+    root = bf.cifar100(tmp_path / "cifar-source")
+    with tarfile.open(folder / published.CIFAR100_ARCHIVE, "w:gz") as tar:
         tar.add(root / "cifar-100-python", arcname="cifar-100-python")
     return root
 
 
+def cub_archive(tmp_path, folder):
+    """`folder`/CUB_200_2011.tgz made of a stand-in tree, as the official archive is laid out, plus a member
+    that is not read and an empty one named to climb out of images/ onto classes.txt (neither is extracted)."""
+    root = bf.cub(tmp_path / "cub-source")
+    with tarfile.open(folder / published.CUB_ARCHIVE, "w:gz") as tar:
+        tar.add(root / "CUB_200_2011", arcname="CUB_200_2011")
+        for name in ("CUB_200_2011/attributes/certainties.txt", "CUB_200_2011/images/../classes.txt"):
+            tar.addfile(tarfile.TarInfo(name))
+    return root
+
+
+def no_download_but_locks(tmp_path) -> bool:
+    downloads = tmp_path / "cache" / "downloads"
+    return not downloads.exists() or all(p.suffix == ".lock" for p in downloads.iterdir())
+
+
 def test_cifar100_archive_from_a_url_is_downloaded_once(tmp_path, served):
-    folder, url, stop = served
+    folder, url = served
     local = cifar_archive(tmp_path, folder)
     before = published.benchmark_counts("fc100", url)  # a check fetches nothing: the published counts
     assert [len(before[s]) for s in bf.SPLITS] == [60, 20, 20] and {n for s in bf.SPLITS for n in before[s]} == {600}
+    assert no_download_but_locks(tmp_path)
     images = published.load_benchmark("fc100", url, ImageFormat(32, 3))
     assert published.benchmark_counts("fc100", url)["test"] == [2] * 20  # now the downloaded files'
-    stop()  # from the cache from now on, and the same cache entry as the local folder's
+    (folder / published.CIFAR100_ARCHIVE).unlink()  # from the cache from now on
     again = published.load_benchmark("fc100", url, ImageFormat(32, 3))
     np.testing.assert_array_equal(again.images, images.images)
     assert published.load_benchmark("fc100", local, ImageFormat(32, 3)).images.filename == images.images.filename
 
 
-def test_the_official_cifar100_url_is_verified(tmp_path, served, monkeypatch):
-    folder, url, _ = served
-    cifar_archive(tmp_path, folder)
-    monkeypatch.setattr(published, "CIFAR100_URL", url)  # the stand-in is not the archive of the published md5
-    with pytest.raises(DataError, match="md5 checksum mismatch"):
-        published.load_benchmark("cifarfs", url, RGB16)
+def test_miniimagenet_pickles_from_a_url_are_downloaded_once(tmp_path, served):
+    folder, url = served
+    local = bf.miniimagenet_pickles(folder)
+    config = TaskConfig(kind="miniimagenet", data=url, ways=5, shots=5, query=15)
+    assert splits.split_sizes(config) == {"train": 64, "val": 16, "test": 20}  # published, nothing fetched
+    assert splits.images_per_class(config) == 600 and no_download_but_locks(tmp_path)
+    images = published.load_benchmark("miniimagenet", url, ImageFormat(84, 3))
+    assert published.benchmark_counts("miniimagenet", url) == {s: [4, 4, 4] for s in bf.SPLITS}
+    reference = published.load_benchmark("miniimagenet", local, ImageFormat(84, 3))
+    assert reference.images.filename == images.images.filename  # one cache entry: keyed by content
+    for pickle_file in folder.iterdir():
+        pickle_file.unlink()
+    np.testing.assert_array_equal(
+        published.load_benchmark("miniimagenet", url, ImageFormat(84, 3)).images, images.images
+    )
 
 
-def test_a_url_archive_of_something_else_and_a_url_for_a_local_only_kind(tmp_path, served):
-    folder, url, _ = served
-    (folder / "cifar").mkdir()
-    with tarfile.open(folder / "cifar" / published.CIFAR100_ARCHIVE, "w:gz") as tar:
+def test_cub_archive_from_a_url_is_downloaded_once(tmp_path, served):
+    folder, url = served
+    local = cub_archive(tmp_path, folder)
+    config = TaskConfig(kind="cub", data=url, ways=5, shots=5, query=15)
+    assert splits.split_sizes(config) == {"train": 100, "val": 50, "test": 50}  # Chen et al.'s rule over 200
+    assert splits.images_per_class(config) is None and no_download_but_locks(tmp_path)  # CUB's vary: not published
+    images = published.load_benchmark("cub", url, RGB16)
+    assert split_names(images, "test") == ["test/004.Bird_D", "test/008.Bird_H"]
+    assert splits.images_per_class(config) == 3  # now the downloaded archive's
+    extracted = next((tmp_path / "cache" / "downloads").glob("*.d"))
+    assert sorted(p.name for p in extracted.rglob("*") if p.is_file() and p.suffix == ".txt") == [
+        "classes.txt",
+        "images.txt",
+    ]
+    (folder / published.CUB_ARCHIVE).unlink()
+    np.testing.assert_array_equal(published.load_benchmark("cub", url, RGB16).images, images.images)
+    assert published.load_benchmark("cub", local, RGB16).images.filename == images.images.filename
+
+
+@pytest.mark.parametrize("archive", [published.CIFAR100_ARCHIVE, published.CUB_ARCHIVE])
+def test_the_official_urls_are_verified(tmp_path, served, monkeypatch, archive):
+    folder, url = served
+    kind = "cifarfs" if archive == published.CIFAR100_ARCHIVE else "cub"
+    (cifar_archive if kind == "cifarfs" else cub_archive)(tmp_path, folder)
+    official_md5 = published.OFFICIAL[archive][1]
+    monkeypatch.setitem(published.OFFICIAL, archive, (url, official_md5))  # the stand-in is not the real archive
+    with pytest.raises(DataError, match=re.escape(f"{url}/{archive}: md5 checksum mismatch (expected {official_md5}")):
+        published.load_benchmark(kind, url, RGB16)
+
+
+def test_a_missing_file_at_a_url_is_one_error_naming_it(tmp_path, served):
+    folder, url = served
+    bf.miniimagenet_pickles(folder)
+    (folder / "mini-imagenet-cache-val.pkl").unlink()
+    with pytest.raises(
+        DataError, match=re.escape(f"{url}/mini-imagenet-cache-val.pkl: download failed (HTTP Error 404")
+    ):
+        published.load_benchmark("miniimagenet", url, RGB16)
+    with pytest.raises(DataError, match=re.escape(f"{url}/{published.CUB_ARCHIVE}: download failed (HTTP Error 404")):
+        published.load_benchmark("cub", url, RGB16)
+    with pytest.raises(DataError, match="task.kind tieredimagenet reads a local folder"):
+        published.benchmark_counts("tieredimagenet", url)
+
+
+def test_a_corrupt_download_is_one_error_naming_it(tmp_path, served):
+    folder, url = served
+    truncated(bf.miniimagenet_pickles(folder) / "mini-imagenet-cache-test.pkl")
+    with pytest.raises(
+        DataError, match=r"-mini-imagenet-cache-test.pkl: not a readable data pickle .*; delete it from"
+    ):
+        published.load_benchmark("miniimagenet", url, RGB16)
+    (folder / published.CUB_ARCHIVE).write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(DataError, match=r"-CUB_200_2011.tgz: not a readable tar.gz .*; delete it from"):
+        published.load_benchmark("cub", url, RGB16)
+    assert not list((tmp_path / "cache" / "downloads").glob(".*"))  # no half-extracted folder
+    with tarfile.open(folder / published.CIFAR100_ARCHIVE, "w:gz") as tar:
         tar.add(bf.tieredimagenet(tmp_path / "other"), arcname="cifar-10-batches-py")
     with pytest.raises(DataError, match="no cifar-100-python/train in it"):
         published.load_benchmark("cifarfs", url, RGB16)
-    with pytest.raises(DataError, match="task.kind cub reads a local folder"):
-        published.benchmark_counts("cub", url)
+
+
+def test_s3_sources_are_checked_then_downloaded_once(tmp_path, s3_bucket):
+    s3, base = boto3.client("s3"), f"s3://{s3_bucket}/benchmarks"
+    check = ["model.kind=conv4", "task.ways=2", "task.shots=1", "task.query=2", f"task.data={base}"]
+    with pytest.raises(ConfigError, match=re.escape(f"{base}/mini-imagenet-cache-train.pkl: no such object")):
+        load_config(None, ["task.kind=miniimagenet", *check])  # one HEAD per file, as Omniglot's zips
+    local = bf.miniimagenet_pickles(tmp_path / "mini")
+    for name in published.MINIIMAGENET_PICKLES:
+        s3.upload_file(str(local / name), s3_bucket, f"benchmarks/{name}")
+    cub_archive(tmp_path, tmp_path)
+    s3.upload_file(str(tmp_path / published.CUB_ARCHIVE), s3_bucket, f"benchmarks/{published.CUB_ARCHIVE}")
+    for kind in ("miniimagenet", "cub"):
+        load_config(None, [f"task.kind={kind}", *check])
+    assert no_download_but_locks(tmp_path)  # a check downloads nothing
+    loaded = {kind: published.load_benchmark(kind, base, RGB16) for kind in ("miniimagenet", "cub")}
+    for key in s3.list_objects_v2(Bucket=s3_bucket)["Contents"]:
+        s3.delete_object(Bucket=s3_bucket, Key=key["Key"])
+    for kind, images in loaded.items():
+        load_config(None, [f"task.kind={kind}", *check])  # in the cache: no HEAD asked
+        np.testing.assert_array_equal(published.load_benchmark(kind, base, RGB16).images, images.images)
 
 
 # --- the folder kind's new options --------------------------------------------------------------------
