@@ -234,6 +234,28 @@ class CheckpointStore:
         """Write `state` as the checkpoint of `iteration`, return its path or URI, keep the newest `keep`."""
         return self.write(self.encode(state), iteration)
 
+    def set_aside_after(self, iteration: int) -> list[int]:
+        """Move the checkpoints after `iteration` into a folder `superseded-<iteration>[-n]` beside them
+        (nothing is deleted), and return their iterations. For a run that goes on from `iteration` again
+        (a Tune trial restored from an older checkpoint: PBT's exploit, a restart): those checkpoints are
+        a branch it left, and it writes their iterations anew, where a checkpoint is never rewritten.
+        Local folders only (a trial's are local). Each file moves by a rename, the checkpoint before its
+        digest, so a listed checkpoint always has its digest."""
+        later = [i for i in self.iterations() if i > iteration]
+        if not later:
+            return []
+        if not isinstance(self._backend, _LocalFolder):
+            raise CheckpointError(f"{self.location}: setting checkpoints aside is for local folders")
+        root = self._backend.root
+        target, n = root / f"superseded-{iteration}", 1
+        while target.exists():
+            target, n = root / f"superseded-{iteration}-{n}", n + 1
+        target.mkdir()
+        for i in later:
+            for name in (_name(i), _name(i) + _DIGEST):
+                os.replace(root / name, target / name)
+        return later
+
     def iterations(self) -> list[int]:
         """Iterations of the complete checkpoints, ascending."""
         return sorted(int(m[1]) for name in self._backend.names() if (m := _NAME.fullmatch(name)))

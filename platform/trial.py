@@ -106,6 +106,12 @@ def run_trial(hyperparameters: dict, base: dict, sweep: dict) -> None:
         "tracking.tags": base["tracking"]["tags"] | tags,
     }
     config = with_values(RunConfig.model_validate(base), values, "trial")
+    if start is not None:  # what this trial wrote after the restored iteration is a branch it left
+        store = CheckpointStore(config.checkpoint.dir)
+        with store.exclusive():  # not while an earlier life of the trial still writes there
+            moved = store.set_aside_after(start["iteration"])
+        if moved:
+            print(f"trial {trial_id}: checkpoints {moved} of the branch it left moved to {store.location}/superseded-*")
     trial = {"id": trial_id, "name": context.get_trial_name(), "hyperparameters": hyperparameters}
     # MLflow first: its end is done before the last result goes to Tune (TuneReporter).
     observers: list[Observer] = [MlflowTracker(report=warn)] if config.tracking.mlflow else []

@@ -106,6 +106,28 @@ def test_latest_and_iterations_ascending(location):
     assert CheckpointStore(location).iterations() == [3, 7, 20, 100]
 
 
+def test_a_run_going_on_from_an_older_checkpoint_sets_the_later_ones_aside(tmp_path):
+    """A Tune trial restored at iteration 10 (PBT's exploit of a slower trial) into its own folder,
+    which holds its 20 and 30 of the branch it left: those move to superseded-10/ with their digests,
+    nothing is lost, and the trial's new 20 is written (a checkpoint is never rewritten in place)."""
+    store = CheckpointStore(tmp_path, keep=5)
+    for iteration in (10, 20, 30):
+        store.save({"iteration": iteration, "branch": "old"}, iteration)
+    with pytest.raises(CheckpointError, match="a different checkpoint 20 exists"):
+        store.save({"iteration": 20, "branch": "new"}, 20)
+
+    assert store.set_aside_after(10) == [20, 30]
+    assert store.iterations() == [10]
+    store.save({"iteration": 20, "branch": "new"}, 20)
+    assert store.load(20) == {"iteration": 20, "branch": "new"}
+    aside = CheckpointStore(tmp_path / "superseded-10")
+    assert aside.iterations() == [20, 30] and aside.load(30) == {"iteration": 30, "branch": "old"}
+    # Again from 10: the next branch goes beside the first, which stays whole.
+    assert store.set_aside_after(10) == [20]
+    assert CheckpointStore(tmp_path / "superseded-10-1").iterations() == [20] and aside.iterations() == [20, 30]
+    assert store.set_aside_after(10) == []
+
+
 def test_keeps_the_newest_n_and_never_the_one_just_written(location):
     store = CheckpointStore(location, keep=2)
     for iteration in range(1, 6):
