@@ -231,16 +231,28 @@ def download(url: str, expected_md5: str | None) -> Path:
     removed by the next one, and a failing disk is told apart from a failing network.
     """
     dest = download_path(url)
+
+    def fetch() -> None:
+        for stale in dest.parent.glob(f".{dest.name}.*.tmp"):  # we hold the lock: their writers died
+            stale.unlink()
+        _download_to(url, dest, expected_md5)
+
+    return made_once(dest, fetch)
+
+
+def made_once(dest: Path, make: Callable[[], None]) -> Path:
+    """`dest` in the download cache (a file or a folder), made by `make()` unless it is there already:
+    one maker per node at a time (a file lock beside it; a waiter finds it made), and an OSError while
+    making it is the disk's, one DataError naming the folder (network and format errors are DataErrors
+    of their own)."""
     if dest.exists():
         return dest
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         with open(f"{dest}.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            if not dest.exists():  # another process may have downloaded it while we waited
-                for stale in dest.parent.glob(f".{dest.name}.*.tmp"):  # we hold the lock: their writers died
-                    stale.unlink()
-                _download_to(url, dest, expected_md5)
+            if not dest.exists():  # another process may have made it while we waited
+                make()
     except OSError as e:
         raise DataError(
             f"cannot write the download cache in {dest.parent} ({e}); free space there "

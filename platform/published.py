@@ -26,7 +26,6 @@ Pickles are read with an unpickler that builds plain data only: a pickle from th
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import json
 import os
@@ -51,6 +50,7 @@ from platform.data import (
     download,
     download_path,
     list_image_folder,
+    made_once,
     source_kind,
 )
 from platform.images import DataError, ImageFormat
@@ -205,35 +205,27 @@ def _extracted(archive: Path, name: str) -> Path:
     published with one atomic rename."""
     wanted, required, what = _ARCHIVES[name]
     dest = archive.with_name(f"{archive.name}.d")
-    if dest.is_dir():
-        return dest
-    try:
-        with open(f"{dest}.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not dest.is_dir():  # another process may have extracted it while we waited
-                for stale in dest.parent.glob(f".{dest.name}-*"):  # we hold the lock: their extractors died
-                    shutil.rmtree(stale)
-                tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-                try:
-                    extracted = set()
-                    for member, content in _archive_members(archive, wanted):
-                        (tmp / member).parent.mkdir(parents=True, exist_ok=True)
-                        (tmp / member).write_bytes(content)  # the folder is published whole: no file is half-written
-                        extracted.add(member)
-                    missing = [member for member in required if member not in extracted]
-                    if missing:
-                        raise DataError(f"{archive}: no {missing[0]} in it; the source must serve {what}")
-                    os.chmod(tmp, 0o755)  # mkdtemp makes it private
-                    os.rename(tmp, dest)
-                except BaseException:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    raise
-    except OSError as e:
-        raise DataError(
-            f"cannot write the download cache in {dest.parent} ({e}); free space there "
-            "or set METAPLATFORM_CACHE to a folder with room"
-        ) from None
-    return dest
+
+    def extract() -> None:
+        for stale in dest.parent.glob(f".{dest.name}-*"):  # we hold the lock: their extractors died
+            shutil.rmtree(stale)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+        try:
+            extracted = set()
+            for member, content in _archive_members(archive, wanted):
+                (tmp / member).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / member).write_bytes(content)  # the folder is published whole: no file is half-written
+                extracted.add(member)
+            missing = [member for member in required if member not in extracted]
+            if missing:
+                raise DataError(f"{archive}: no {missing[0]} in it; the source must serve {what}")
+            os.chmod(tmp, 0o755)  # mkdtemp makes it private
+            os.rename(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    return made_once(dest, extract)
 
 
 def _archive_members(archive: Path, wanted: Callable[[str], bool]) -> Iterator[tuple[str, bytes]]:
