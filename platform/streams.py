@@ -57,10 +57,6 @@ class Stream:
         """One integer in [0, bound) per bound: floor(word * bound / 2**64) (bias below bound / 2**64)."""
         return [(w * b) >> 64 for w, b in zip(self.words(len(bounds)), bounds)]
 
-    def uniform(self, low: float, high: float, count: int) -> np.ndarray:
-        """`count` float64 in [low, high)."""
-        return low + (high - low) * self.fractions(count)
-
     def choice(self, population: int, count: int) -> np.ndarray:
         """`count` distinct integers of range(population) in the order drawn (partial Fisher-Yates)."""
         if count > population:

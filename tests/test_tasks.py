@@ -135,8 +135,8 @@ def test_stream_bounded_integers_and_fractions():
     got = Stream("check", 1).below(bounds)
     assert all(0 <= v < b for v, b in zip(got, bounds)) and got[: len(bounds) // 50].count(0) < 3
     assert len({v for v, b in zip(got, bounds) if b == 4112}) > 40  # spread, not stuck
-    x = Stream("check", 2).uniform(-5.0, 5.0, 1000)
-    assert x.dtype == np.float64 and x.min() >= -5 and x.max() < 5 and abs(x.mean()) < 0.3
+    f = Stream("check", 2).fractions(1000)
+    assert f.dtype == np.float64 and f.min() >= 0 and f.max() < 1 and abs(f.mean() - 0.5) < 0.03
 
 
 def test_stream_choice_is_distinct_and_uniform():
