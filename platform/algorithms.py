@@ -37,8 +37,6 @@ Metrics = dict[str, float]
 INNER_LR = "inner_lr."  # Meta-SGD: prefix of the learned per-parameter inner learning rates
 PROTOTYPES = "prototypes"  # ProtoNets: adapt_to's class means, kept beside the parameters
 BN_STATS = ("batch", "support")
-# Algorithms that adapt in an embedding (no classifier head of task.ways outputs, no inner steps): any ways.
-EMBEDDING_ALGORITHMS = ("protonet", "pretrain")
 
 
 def _stats(rows: int | None) -> dict:

@@ -22,6 +22,8 @@ from platform.published import BENCHMARKS, NATIVE_SIZE
 from platform.splits import TASK_SPLITS, images_per_class, split_sizes
 
 VECTORIZABLE = ("maml", "fomaml", "anil", "metasgd")  # algorithms with a vmap path (resources.vectorize)
+# Algorithms that adapt in an embedding (no classifier head of task.ways outputs, no inner steps): any ways.
+EMBEDDING_ALGORITHMS = ("protonet", "pretrain")
 RAY_RESOURCE_UNIT = 0.0001  # Ray refuses fractions of a CPU or GPU finer than this
 MIN_CONV_IMAGE_SIZE = 16  # the conv models pool 2x2 four times
 MAX_SEED = 2**32 - 1  # NumPy's RandomState and Optuna's sampler (tune) take no larger seed; torch none above 2**64 - 1

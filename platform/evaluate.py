@@ -17,10 +17,10 @@ import argparse
 import time
 from pathlib import Path
 
-from platform.algorithms import BN_STATS, EMBEDDING_ALGORITHMS
+from platform.algorithms import BN_STATS
 from platform.checkpoint import load_checkpoint
 from platform.cli import first_line, run
-from platform.config import ConfigError, RunConfig
+from platform.config import EMBEDDING_ALGORITHMS, ConfigError, RunConfig
 from platform.metatest import format_eval, meta_test, test_time_config
 
 

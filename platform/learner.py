@@ -38,9 +38,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from platform.algorithms import BN_STATS, EMBEDDING_ALGORITHMS, INNER_LR, Params, build
+from platform.algorithms import BN_STATS, INNER_LR, Params, build
 from platform.checkpoint import load_checkpoint
-from platform.config import ConfigError, RunConfig
+from platform.config import EMBEDDING_ALGORITHMS, ConfigError, RunConfig
 from platform.images import DataError, ImageFormat
 from platform.tasks import model_input
 

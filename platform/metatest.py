@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from platform.algorithms import EMBEDDING_ALGORITHMS
-from platform.config import ConfigError, RunConfig, with_values
+from platform.config import EMBEDDING_ALGORITHMS, ConfigError, RunConfig, with_values
 from platform.engine import EVAL_METRICS, AdaptationWorker, flatten
 from platform.tasks import evaluation_seeds
 

@@ -22,7 +22,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
-from platform.config import RunConfig
+from platform.config import EMBEDDING_ALGORITHMS, RunConfig
 
 DROPBLOCK_SIZE = 5  # MetaOptNet's and RFS's block, in the 10x10 and 5x5 maps of stages 3-4 at 84x84
 
@@ -283,7 +283,7 @@ def build_model(config: RunConfig) -> nn.Module:
     """The model a run config asks for. Parameters are initialised from torch's global RNG."""
     t, m = config.task, config.model
     out = 1 if t.kind == "sinusoid" else t.ways
-    if config.algorithm in ("protonet", "pretrain"):
+    if config.algorithm in EMBEDDING_ALGORITHMS:
         out = None  # prototypes and probes live in the embedding space (pretrain's own head: platform/pretrain.py)
     if t.kind == "sinusoid":
         model = MLP(1, m.width, out)
