@@ -98,7 +98,7 @@ def main() -> int:
         row = measure(args.one, args.size, args.width, args.seconds, args.recompute, args.precision, args.device)
         print(json.dumps(row))
         return 0
-    rows = []
+    rows, options = [], {k: getattr(args, k) for k in ("size", "width", "recompute", "precision", "device")}
     for name in args.settings:
         child = [sys.executable, "-c", CHILD, "--one", name]
         child += ["--seconds", str(args.seconds), "--size", str(args.size), "--width", str(args.width)]
@@ -108,8 +108,7 @@ def main() -> int:
             f"{name:9s} {row['tasks_per_s']:.3f} tasks/s ({row['tasks']} tasks)  peak {row['peak_mib']:.0f} MiB",
             flush=True,
         )
-        rows.append(row | {"size": args.size, "width": args.width, "recompute": args.recompute})
-        rows[-1] |= {"precision": args.precision, "device": args.device}
+        rows.append(row | options)
     if args.json:
         atomic_write(args.json, json.dumps(rows, indent=1))
     return 0
